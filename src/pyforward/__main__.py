@@ -1,0 +1,3 @@
+from pyforward.cli import main
+
+raise SystemExit(main())
