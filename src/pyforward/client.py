@@ -1,0 +1,315 @@
+"""The Forward client: one connection at a time, a window of chunks in flight, acks matched by chunk id.
+
+It never drops a chunk on its own: a chunk leaves the client only when the receiver acked it. On an ack
+timeout, a closed connection, garbage from the receiver, or an ack for a chunk id it did not send (fluentd
+#4057 / #3361: stale acks on a reused connection), the connection is dropped and every unacked chunk is sent
+again, in order and with the same chunk id (so a receiver that remembers ids can ack the retry without
+writing the events twice), on a new connection after a capped exponential backoff with jitter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from pyforward.protocol import (
+    Ack,
+    Chunk,
+    ClientDecoder,
+    HandshakeError,
+    Helo,
+    Pong,
+    ProtocolError,
+    encode_ping,
+    make_ping,
+    verify_pong,
+)
+
+log = logging.getLogger("pyforward.client")
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+Connector = Callable[[], Awaitable[Stream]]
+_E = TypeVar("_E", Helo, Pong)
+
+
+class NoDestination(Exception):
+    """The connector has nowhere to connect to right now (e.g. the Service is deleted): wait, don't count."""
+
+
+@dataclass
+class ClientConfig:
+    shared_key: str | None = None
+    username: str = ""
+    password: str = ""
+    hostname: str = "localhost"
+    window: int = 4
+    ack_timeout: float = 30.0
+    handshake_timeout: float = 10.0
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+
+
+@dataclass
+class ClientStats:
+    chunks_sent: int = 0
+    chunks_acked: int = 0
+    chunks_retried: int = 0
+    records_acked: int = 0
+    connects: int = 0
+    reconnects: int = 0
+    connected: bool = False
+    last_error: str = ""
+    ack_latencies: deque[float] = field(default_factory=lambda: deque(maxlen=4096))
+
+
+class _Reconnect(Exception):
+    """Internal: drop this connection and start over."""
+
+
+class ForwardClient:
+    """Send chunks, get acks. ``submit`` queues; ``on_ack(chunk, latency)`` fires once per chunk."""
+
+    def __init__(
+        self,
+        connector: Connector,
+        config: ClientConfig,
+        *,
+        on_ack: Callable[[Chunk, float], None] | None = None,
+        on_state: Callable[[bool], None] | None = None,
+        on_retry: Callable[[int], None] | None = None,
+    ) -> None:
+        self._connector = connector
+        self.config = config
+        self._on_ack = on_ack
+        self._on_state = on_state
+        self._on_retry = on_retry
+        self.stats = ClientStats()
+        # Not yet written on the current connection, in send order (retries go first).
+        self._pending: deque[Chunk] = deque()
+        # Written, awaiting the ack: chunk id bytes -> (chunk, monotonic send time), in send order.
+        self._inflight: OrderedDict[bytes, tuple[Chunk, float]] = OrderedDict()
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._conn_task: asyncio.Task[None] | None = None
+        self._kick = asyncio.Event()
+
+    # --- public API ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="forward-client")
+
+    def submit(self, chunk: Chunk) -> None:
+        self._pending.append(chunk)
+        self._idle.clear()
+        self._wakeup.set()
+
+    @property
+    def unacked(self) -> int:
+        return len(self._pending) + len(self._inflight)
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Wait until every submitted chunk was acked. True when done, False on timeout."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def reconnect(self, reason: str = "destination changed") -> None:
+        """Abandon the current connection (unacked chunks go again on the next one)."""
+        if self._conn_task is not None and not self._conn_task.done():
+            log.info("dropping the connection: %s", reason)
+            self._conn_task.cancel()
+        self._kick.set()
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    # --- connection loop -----------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        delay = self.config.backoff_initial
+        while not self._closing:
+            self._conn_task = asyncio.get_running_loop().create_task(self._connection())
+            acked_before = self.stats.chunks_acked
+            try:
+                await self._conn_task
+            except asyncio.CancelledError:
+                if self._task is not None and self._task.cancelling():
+                    self._conn_task.cancel()
+                    raise
+                # reconnect() cancelled the connection: come back at once.
+                delay = self.config.backoff_initial
+                self._kick.clear()
+                continue
+            except NoDestination as exc:
+                self._set_error(str(exc) or "no destination")
+                await self._wait_kick(self.config.backoff_max)
+                continue
+            except (OSError, ProtocolError, TimeoutError, _Reconnect) as exc:
+                self._set_error(_describe(exc))
+                log.warning("connection to the receiver failed: %s; retrying in %.1fs", self.stats.last_error, delay)
+            finally:
+                self._set_connected(False)
+                self._requeue_inflight()
+            if self.stats.chunks_acked > acked_before:
+                delay = self.config.backoff_initial  # the connection was useful: start the backoff over
+            await self._wait_kick(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, self.config.backoff_max)
+
+    async def _wait_kick(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._kick.wait(), delay)
+        self._kick.clear()
+
+    async def _connection(self) -> None:
+        reader, writer = await self._connector()
+        self.stats.connects += 1
+        if self.stats.connects > 1:
+            self.stats.reconnects += 1
+        try:
+            decoder = ClientDecoder()
+            if self.config.shared_key is not None:
+                await asyncio.wait_for(self._handshake(reader, writer, decoder), self.config.handshake_timeout)
+            self._set_connected(True)
+            sender = asyncio.get_running_loop().create_task(self._send_loop(writer))
+            try:
+                await self._receive_loop(reader, decoder)
+            finally:
+                sender.cancel()
+                with contextlib.suppress(asyncio.CancelledError, OSError, _Reconnect):
+                    await sender
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(writer.wait_closed(), 1.0)
+
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                         decoder: ClientDecoder) -> None:
+        """HELO -> PING -> PONG (Forward spec v1, "Handshake Messages"). Nothing is sent before it succeeds."""
+        assert self.config.shared_key is not None
+        helo = await self._next_event(reader, decoder, Helo, "HELO")
+        ping = make_ping(
+            helo,
+            hostname=self.config.hostname,
+            shared_key=self.config.shared_key,
+            username=self.config.username,
+            password=self.config.password,
+        )
+        writer.write(encode_ping(ping))
+        await writer.drain()
+        pong = await self._next_event(reader, decoder, Pong, "PONG")
+        if not pong.auth_ok:
+            raise HandshakeError(f"receiver refused the handshake: {pong.reason or 'no reason given'}")
+        verify_pong(
+            pong,
+            salt=ping.salt,
+            nonce=helo.nonce,
+            shared_key=self.config.shared_key,
+            own_hostname=self.config.hostname,
+        )
+
+    @staticmethod
+    async def _next_event(reader: asyncio.StreamReader, decoder: ClientDecoder, kind: type[_E], name: str) -> _E:
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                raise ProtocolError(f"receiver closed the connection before {name}")
+            events = decoder.feed(data)
+            if events:
+                event = events[0]
+                if not isinstance(event, kind) or len(events) > 1:
+                    raise ProtocolError(f"expected {name} from the receiver, got {type(event).__name__}")
+                return event
+
+    async def _send_loop(self, writer: asyncio.StreamWriter) -> None:
+        window = self.config.window
+        while True:
+            while not self._pending or len(self._inflight) >= window:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            chunk = self._pending.popleft()
+            self._inflight[chunk.chunk_id.encode()] = (chunk, time.monotonic())
+            self.stats.chunks_sent += 1
+            writer.write(chunk.payload)
+            await writer.drain()
+
+    async def _receive_loop(self, reader: asyncio.StreamReader, decoder: ClientDecoder) -> None:
+        while True:
+            timeout = None
+            if self._inflight:
+                oldest_sent = next(iter(self._inflight.values()))[1]
+                timeout = max(0.0, oldest_sent + self.config.ack_timeout - time.monotonic())
+            try:
+                data = await asyncio.wait_for(reader.read(65536), timeout)
+            except TimeoutError:
+                raise _Reconnect(
+                    f"no ack within {self.config.ack_timeout:g}s for {len(self._inflight)} chunk(s) in flight"
+                ) from None
+            if not data:
+                raise _Reconnect("receiver closed the connection")
+            for event in decoder.feed(data):
+                if not isinstance(event, Ack):
+                    raise ProtocolError(f"unexpected {type(event).__name__} from the receiver")
+                self._acked(event.chunk_id)
+
+    def _acked(self, chunk_id: bytes) -> None:
+        entry = self._inflight.pop(chunk_id, None)
+        if entry is None:
+            # An ack we cannot match means the stream is out of step (fluentd #4057): start over.
+            raise ProtocolError(f"ack for an unknown chunk id {chunk_id[:64]!r}")
+        chunk, sent = entry
+        latency = time.monotonic() - sent
+        self.stats.chunks_acked += 1
+        self.stats.records_acked += chunk.records
+        self.stats.ack_latencies.append(latency)
+        self._wakeup.set()
+        if not self._pending and not self._inflight:
+            self._idle.set()
+        if self._on_ack is not None:
+            self._on_ack(chunk, latency)
+
+    # --- bookkeeping ---------------------------------------------------------------------------------------
+    def _requeue_inflight(self) -> None:
+        if not self._inflight:
+            return
+        retried = [chunk for chunk, _ in self._inflight.values()]
+        self._inflight.clear()
+        self._pending.extendleft(reversed(retried))
+        self.stats.chunks_retried += len(retried)
+        if self._on_retry is not None:
+            self._on_retry(len(retried))
+
+    def _set_connected(self, value: bool) -> None:
+        if self.stats.connected != value:
+            self.stats.connected = value
+            if value:
+                log.info("connected to the receiver")
+            if self._on_state is not None:
+                self._on_state(value)
+
+    def _set_error(self, message: str) -> None:
+        self.stats.last_error = message
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return f"connection refused ({text})"
+    return text

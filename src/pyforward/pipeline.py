@@ -1,0 +1,402 @@
+"""`pyforward run`: file -> lines -> records -> chunks -> wire -> ack -> checkpoint.
+
+The file is the buffer. Memory holds the chunk being built and the chunks in flight, under
+``max_inflight_bytes``; the checkpoint moves only to the end of the last contiguous range of acked chunks
+(fluent-bit #5912 saves offsets when lines are read, and loses them on a crash). Delivery is at-least-once:
+after a crash only the chunks in flight (and those acked after the last checkpoint write) are sent again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pyforward.certs import CertError, TLSFiles, TLSMaterial
+from pyforward.checkpoint import AckTracker, CheckpointError, CheckpointWriter, Position, load_checkpoint
+from pyforward.client import ClientConfig, ForwardClient, NoDestination, Stream
+from pyforward.protocol import Chunk, EntryPacker, EventTime, build_chunk
+from pyforward.records import RecordParser, RecordStats
+from pyforward.settings import Settings
+from pyforward.tailer import Tailer, TailerStats
+from pyforward.transport import Destination, Proxy, open_stream
+
+if TYPE_CHECKING:
+    from pyforward.discovery import Discovery, Target
+    from pyforward.metrics import HealthState, Metrics
+
+log = logging.getLogger("pyforward.run")
+
+
+class StartupError(Exception):
+    """A problem found before anything starts: one line for the operator, exit code 2."""
+
+
+class ByteBudget:
+    """Bound on source bytes in flight (submitted, not yet acked). One chunk always fits when nothing is in flight."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._changed = asyncio.Event()
+
+    async def acquire(self, size: int) -> None:
+        while self.used and self.used + size > self.limit:
+            self._changed.clear()
+            await self._changed.wait()
+        self.used += size
+
+    def release(self, size: int) -> None:
+        self.used -= size
+        self._changed.set()
+
+
+@dataclass
+class _Building:
+    """The chunk being filled: packed entries, source bytes, where it ends in the log."""
+
+    entries: list[bytes]
+    size: int = 0
+    started: float = 0.0
+    end: Position | None = None
+
+
+def tls_material(settings: Settings) -> TLSMaterial | None:
+    if not settings.tls:
+        return None
+    ca, cert, key = settings.receiver_tls_files
+    return TLSMaterial(
+        TLSFiles(ca_file=ca, cert_file=cert, key_file=key, server_name=settings.effective_server_name),
+        purpose="client",
+        name="receiver",
+        expiry_warning=timedelta(days=settings.cert_expiry_warning_days),
+    )
+
+
+def proxy_from(settings: Settings) -> Proxy | None:
+    if not (settings.proxy_uds or settings.proxy_host):
+        return None
+    material = None
+    if settings.effective_proxy_tls:
+        material = TLSMaterial(
+            TLSFiles(ca_file=settings.proxy_ca_file, cert_file=settings.proxy_cert_file,
+                     key_file=settings.proxy_key_file, server_name=settings.proxy_server_name),
+            purpose="client",
+            name="proxy",
+            expiry_warning=timedelta(days=settings.cert_expiry_warning_days),
+        )
+        try:
+            material.load()
+        except CertError as exc:
+            raise StartupError(f"proxy TLS: {exc}") from None
+    return Proxy(
+        uds=settings.proxy_uds,
+        host=settings.proxy_host,
+        port=settings.proxy_port if settings.proxy_host else None,
+        tls=material,
+        server_name=settings.proxy_server_name,
+        username=settings.proxy_username,
+        password=settings.proxy_password.get_secret_value() if settings.proxy_password else None,
+    )
+
+
+def client_config(settings: Settings) -> ClientConfig:
+    return ClientConfig(
+        shared_key=settings.shared_key.get_secret_value() if settings.shared_key else None,
+        username=settings.username or "",
+        password=settings.password.get_secret_value() if settings.password else "",
+        hostname=settings.self_hostname,
+        window=settings.window,
+        ack_timeout=settings.ack_timeout,
+        handshake_timeout=settings.connect_timeout,
+        backoff_initial=settings.backoff_initial,
+        backoff_max=settings.backoff_max,
+    )
+
+
+class Pipeline:
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None, health: HealthState | None = None) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.health = health
+        self.tailer_stats = TailerStats()
+        self.record_stats = RecordStats()
+        self.parser = RecordParser(time_key=settings.time_key, stats=self.record_stats)
+        self.packer = EntryPacker()
+        self.tracker = AckTracker()
+        self.checkpoint = CheckpointWriter(settings.effective_checkpoint_path)
+        self.budget = ByteBudget(settings.max_inflight_bytes)
+        self.proxy = proxy_from(settings)
+        self.tls = tls_material(settings)
+        self.discovery: Discovery | None = None
+        self.target: tuple[str, int] | None = (
+            (settings.host, settings.port) if settings.host else None
+        )
+        self.client = ForwardClient(
+            self._connect,
+            client_config(settings),
+            on_ack=self._acked,
+            on_state=self._connected,
+            on_retry=self._retried,
+        )
+        self.acked_position: Position | None = None
+        self._tailer: Tailer | None = None
+        self._reported: dict[str, int] = {}
+        self._last_ack = 0.0
+
+    # --- start-up ------------------------------------------------------------------------------------------
+    def check_startup(self) -> Position | None:
+        """Everything that must fail before anything starts: certificates, the checkpoint."""
+        if self.tls is not None and not self.settings.discovery_enabled:
+            try:
+                self.tls.load()
+            except CertError as exc:
+                raise StartupError(f"receiver TLS: {exc}") from None
+        try:
+            return load_checkpoint(self.settings.effective_checkpoint_path)
+        except CheckpointError as exc:
+            raise StartupError(str(exc)) from None
+
+    # --- the connection ------------------------------------------------------------------------------------
+    async def _connect(self) -> Stream:
+        if self.target is None:
+            raise NoDestination(
+                f"waiting for Service {self.settings.namespace}/{self.settings.service_name}"
+                if self.settings.discovery_enabled
+                else "no destination"
+            )
+        if self.tls is not None and self.tls.generation == 0:
+            try:
+                self.tls.load()
+            except CertError as exc:
+                raise NoDestination(f"waiting for TLS material: {exc}") from None
+        host, port = self.target
+        destination = Destination(host=host, port=port, tls=self.tls, server_name=self.settings.effective_server_name)
+        return await open_stream(destination, self.proxy, timeout=self.settings.connect_timeout)
+
+    def _on_target(self, target: Target | None) -> None:
+        new = (target.host, target.port) if target is not None else None
+        if new == self.target:
+            return
+        log.info("destination: %s", f"{new[0]}:{new[1]}" if new else "none (shipping paused)")
+        self.target = new
+        if self.metrics is not None:
+            self.metrics.destination_changes.inc()
+        self.client.reconnect("destination changed")
+
+    def _on_secret(self) -> None:
+        if self.tls is not None and self.tls.generation == 0:
+            self.client.reconnect("TLS material arrived")
+
+    # --- acks ----------------------------------------------------------------------------------------------
+    def _acked(self, chunk: Chunk, latency: float) -> None:
+        self.budget.release(chunk.size)
+        assert isinstance(chunk.position, int)
+        position = self.tracker.ack(chunk.position)
+        if position is not None:
+            self.acked_position = position
+            self.checkpoint.update(position)
+        if self.metrics is not None:
+            self.metrics.records_acked.inc(chunk.records)
+            self.metrics.chunks_acked.inc()
+            self.metrics.ack_latency.observe(latency)
+            self._last_ack = time.time()
+            self.metrics.last_ack_timestamp_seconds.set(self._last_ack)
+            self.metrics.inflight_bytes.set(self.budget.used)
+
+    def _connected(self, connected: bool) -> None:
+        if self.health is not None:
+            self.health.connected = connected
+        if self.metrics is not None:
+            self.metrics.connected.set(1 if connected else 0)
+            if connected and self.client.stats.connects > 1:
+                self.metrics.reconnects.inc()
+
+    def _retried(self, count: int) -> None:
+        if self.metrics is not None:
+            self.metrics.chunks_retried.inc(count)
+
+    # --- the read loop -------------------------------------------------------------------------------------
+    async def _submit(self, building: _Building) -> None:
+        if not building.entries:
+            return
+        assert building.end is not None
+        records = len(building.entries)
+        blob = b"".join(building.entries)
+        size = building.size
+        building.entries = []
+        building.size = 0
+        await self.budget.acquire(size)
+        seq = self.tracker.register(building.end)
+        settings = self.settings
+        compress = settings.compress == "gzip"
+        # gzip releases the GIL: compress in a thread while the loop keeps reading and talking to the receiver.
+        chunk = await asyncio.to_thread(
+            build_chunk, settings.tag, blob, records, size=size, compress=compress,
+            level=settings.compress_level, position=seq,
+        ) if compress else build_chunk(settings.tag, blob, records, size=size, compress=False, position=seq)
+        self.client.submit(chunk)
+        if self.metrics is not None:
+            self.metrics.records_sent.inc(records)
+            self.metrics.chunks_sent.inc()
+            self.metrics.inflight_bytes.set(self.budget.used)
+
+    async def _read_loop(self, tailer: Tailer, building: _Building) -> None:
+        settings = self.settings
+        parse = self.parser.parse
+        pack = self.packer.pack_entry
+        max_bytes = settings.chunk_max_bytes
+        max_records = settings.chunk_max_records
+        while True:
+            batch = await tailer.read_batch(max(max_bytes - building.size, 1))
+            if batch is None:
+                if building.entries:
+                    wait = building.started + settings.flush_interval - time.monotonic()
+                    if wait <= 0:
+                        await self._submit(building)
+                        continue
+                    await tailer.wait(wait)
+                else:
+                    await tailer.wait(None)
+                continue
+            now = EventTime.now()
+            if not building.entries:
+                building.started = time.monotonic()
+            entries = building.entries
+            truncated = dict(batch.truncated) if batch.truncated else None
+            for index, line in enumerate(batch.lines):
+                t, record = parse(line, truncated_from=truncated.get(index) if truncated else None, now=now)
+                entries.append(pack(t, record))
+            building.size += batch.size
+            building.end = batch.end
+            self._count(len(batch.lines), batch.size)
+            if building.size >= max_bytes or len(entries) >= max_records:
+                await self._submit(building)
+
+    def _delta(self, name: str, current: int) -> int:
+        """How much a plain stats counter grew since it was last reported to Prometheus."""
+        grown = current - self._reported.get(name, 0)
+        self._reported[name] = current
+        return grown
+
+    def _count(self, lines: int, size: int) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.lines_read.inc(lines)
+        self.metrics.read_bytes.inc(size)
+        stats = self.record_stats
+        for kind, current in (
+            ("json", stats.parse_errors),
+            ("not_object", stats.not_objects),
+            ("invalid_utf8", stats.invalid_utf8),
+            ("bad_time", stats.bad_time),
+        ):
+            grown = self._delta(kind, current)
+            if grown > 0:
+                self.metrics.parse_errors.labels(kind=kind).inc(grown)
+        grown = self._delta("truncated_lines", self.tailer_stats.truncated_lines)
+        if grown > 0:
+            self.metrics.truncated_lines.inc(grown)
+
+    # --- periodic state: backlog, certificate expiry -------------------------------------------------------
+    async def _observe(self) -> None:
+        while True:
+            backlog = self.budget.used
+            position = self._tailer.position if self._tailer is not None else None
+            if position is not None:
+                with contextlib.suppress(OSError):
+                    backlog += max(0, os.stat(position.path).st_size - position.offset)
+                    if Path(position.path) != self.settings.log_path:
+                        backlog += os.stat(self.settings.log_path).st_size
+            if self.health is not None:
+                self.health.backlog_bytes = backlog
+            if self.metrics is not None:
+                self.metrics.backlog_bytes.set(backlog)
+                behind = 0.0
+                if backlog > self.budget.used and self._last_ack:
+                    behind = max(0.0, time.time() - self._last_ack)
+                self.metrics.backlog_seconds.set(behind if backlog else 0.0)
+                for name, material in (("receiver", self.tls), ("proxy", self.proxy.tls if self.proxy else None)):
+                    if material is not None and material.generation:
+                        expiry = material.seconds_to_expiry()
+                        if expiry is not None:
+                            self.metrics.certificate_expiry_seconds.labels(cert=name).set(expiry)
+                for name, current in (
+                    ("rotations", self.tailer_stats.rotations),
+                    ("truncation_lost_bytes", self.tailer_stats.truncation_bytes_lost),
+                ):
+                    grown = self._delta(name, current)
+                    if grown > 0:
+                        getattr(self.metrics, name).inc(grown)
+            await asyncio.sleep(1.0)
+
+    # --- run -----------------------------------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event, start: Position | None) -> int:
+        settings = self.settings
+        if settings.discovery_enabled:
+            from pyforward.discovery import Discovery  # kubernetes-asyncio only when discovery is configured
+
+            self.discovery = Discovery(settings, on_target=self._on_target, on_secret=self._on_secret)
+        tailer = Tailer(
+            settings.log_path,
+            start=start,
+            start_at=settings.start_at,
+            max_line_bytes=settings.max_line_bytes,
+            poll_interval=settings.poll_interval,
+            stats=self.tailer_stats,
+        )
+        self._tailer = tailer
+        await tailer.open()
+        log.info(
+            "shipping %s to %s (%s, %s)%s",
+            settings.log_path,
+            f"{settings.host}:{settings.port}" if settings.host else f"Service {settings.namespace}/{settings.service_name}",
+            "tls" if settings.tls else "plain tcp",
+            settings.compress,
+            f" from {start.path} at offset {start.offset}" if start else f" from the {settings.start_at}",
+        )
+        self.client.start()
+        background = [asyncio.create_task(self._observe(), name="observe")]
+        if self.discovery is not None:
+            background.append(asyncio.create_task(self.discovery.run(), name="discovery"))
+        building = _Building(entries=[])
+        reader = asyncio.create_task(self._read_loop(tailer, building), name="read-loop")
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if reader in done:
+                reader.result()  # re-raise a crash of the read loop
+            return await self._shutdown(reader, building)
+        finally:
+            stopper.cancel()
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await self.client.close()
+            await tailer.close()
+
+    async def _shutdown(self, reader: asyncio.Task[None], building: _Building) -> int:
+        """SIGTERM: stop reading, send what was read, wait (bounded) for acks, write the checkpoint."""
+        log.info("stopping: waiting up to %.0fs for the acks of what is in flight", self.settings.shutdown_timeout)
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+        deadline = time.monotonic() + self.settings.shutdown_timeout
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._submit(building), self.settings.shutdown_timeout)
+        drained = await self.client.drain(max(0.0, deadline - time.monotonic()))
+        await self.checkpoint.close()
+        if drained:
+            log.info("stopped: everything read was acked; checkpoint written")
+        else:
+            log.warning(
+                "stopped with %d chunk(s) unacked; they are read again from the log after the restart",
+                self.client.unacked,
+            )
+        return 0
