@@ -79,9 +79,7 @@ def _ip(rng: random.Random) -> str:
 
 
 def _rbac_reason(kind: str, binding: str, role_kind: str, role: str, subject_kind: str, subject: str) -> str:
-    return (
-        f'RBAC: allowed by {kind} "{binding}" of {role_kind} "{role}" to {subject_kind} "{subject}"'
-    )
+    return f'RBAC: allowed by {kind} "{binding}" of {role_kind} "{role}" to {subject_kind} "{subject}"'
 
 
 def _event(
@@ -148,7 +146,7 @@ def _metadata_shapes(rng: random.Random) -> list[dict[str, Any]]:
     allow = "authorization.k8s.io/decision"
     reason = "authorization.k8s.io/reason"
     # Leader election lease renewals: the most frequent events of an idle control plane.
-    for component in ("kube-controller-manager", "kube-scheduler", "cloud-controller-manager"):
+    for component in ("kube-controller-manager", "kube-scheduler"):
         for _ in range(6):
             shapes.append(
                 _event(
@@ -182,11 +180,12 @@ def _metadata_shapes(rng: random.Random) -> list[dict[str, Any]]:
                 )
             )
     # Kubelets: node lease renewal, node status patch, reading the secrets/configmaps of their pods.
+    node_shapes: list[dict[str, Any]] = []
     for node in _NODES:
         node_user = {"username": f"system:node:{node}", "groups": ["system:nodes", "system:authenticated"]}
         kubelet_ua = f"kubelet/{_K8S_VERSION} (linux/amd64) kubernetes/{_K8S_COMMIT}"
         node_annotations = {allow: "allow", reason: ""}
-        shapes.append(
+        node_shapes.append(
             _event(
                 level="Metadata",
                 uri=f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{node}?timeout=10s",
@@ -207,7 +206,7 @@ def _metadata_shapes(rng: random.Random) -> list[dict[str, Any]]:
                 annotations=node_annotations,
             )
         )
-        shapes.append(
+        node_shapes.append(
             _event(
                 level="Metadata",
                 uri=f"/api/v1/nodes/{node}/status?timeout=10s",
@@ -222,7 +221,7 @@ def _metadata_shapes(rng: random.Random) -> list[dict[str, Any]]:
         )
         namespace = rng.choice(_NAMESPACES)
         app = rng.choice(_APPS)
-        shapes.append(
+        node_shapes.append(
             _event(
                 level="Metadata",
                 uri=f"/api/v1/namespaces/{namespace}/configmaps?fieldSelector=metadata.name%3D{app}-config"
@@ -231,57 +230,66 @@ def _metadata_shapes(rng: random.Random) -> list[dict[str, Any]]:
                 user=node_user,
                 source_ip=_ip(rng),
                 user_agent=kubelet_ua,
-                object_ref={"resource": "configmaps", "namespace": namespace, "name": f"{app}-config",
-                            "apiVersion": "v1"},
+                object_ref={
+                    "resource": "configmaps",
+                    "namespace": namespace,
+                    "name": f"{app}-config",
+                    "apiVersion": "v1",
+                },
                 code=200,
                 annotations=node_annotations,
             )
         )
+    # Kubelet traffic dominates a busy cluster's audit log: weight it.
+    shapes.extend(node_shapes * 3)
     # Controllers with bound service-account tokens (the big "extra" block).
     for controller in _CONTROLLERS:
-        for _ in range(2):
-            namespace = rng.choice(_NAMESPACES)
-            app = rng.choice(_APPS)
-            resource, group, version = rng.choice(
-                [("pods", "", "v1"), ("replicasets", "apps", "v1"), ("endpointslices", "discovery.k8s.io", "v1")]
+        namespace = rng.choice(_NAMESPACES)
+        app = rng.choice(_APPS)
+        resource, group, version = rng.choice(
+            [("pods", "", "v1"), ("replicasets", "apps", "v1"), ("endpointslices", "discovery.k8s.io", "v1")]
+        )
+        prefix = f"/apis/{group}/{version}" if group else f"/api/{version}"
+        verb = rng.choice(["get", "update", "patch", "delete"])
+        ref: dict[str, Any] = {"resource": resource, "namespace": namespace, "name": f"{app}-@@sfx@@"}
+        if verb != "get":
+            ref["uid"] = _uid(rng)
+        if group:
+            ref["apiGroup"] = group
+        ref["apiVersion"] = version
+        if verb in ("update", "patch"):
+            ref["resourceVersion"] = "@@rv@@"
+        shapes.append(
+            _event(
+                level="Metadata",
+                uri=f"{prefix}/namespaces/{namespace}/{resource}/{app}-@@sfx@@",
+                verb=verb,
+                user=_sa_user(rng, "kube-system", controller, node=rng.choice(_NODES)),
+                source_ip=_ip(rng),
+                user_agent=f"kube-controller-manager/{_K8S_VERSION} (linux/amd64) kubernetes/{_K8S_COMMIT}"
+                f"/system:serviceaccount:kube-system:{controller}",
+                object_ref=ref,
+                code=200,
+                annotations={
+                    allow: "allow",
+                    reason: _rbac_reason(
+                        "ClusterRoleBinding",
+                        f"system:controller:{controller}",
+                        "ClusterRole",
+                        f"system:controller:{controller}",
+                        "ServiceAccount",
+                        f"{controller}/kube-system",
+                    ),
+                },
             )
-            prefix = f"/apis/{group}/{version}" if group else f"/api/{version}"
-            verb = rng.choice(["get", "update", "patch", "delete"])
-            ref: dict[str, Any] = {"resource": resource, "namespace": namespace, "name": f"{app}-@@sfx@@"}
-            if verb != "get":
-                ref["uid"] = _uid(rng)
-            if group:
-                ref["apiGroup"] = group
-            ref["apiVersion"] = version
-            if verb in ("update", "patch"):
-                ref["resourceVersion"] = "@@rv@@"
-            shapes.append(
-                _event(
-                    level="Metadata",
-                    uri=f"{prefix}/namespaces/{namespace}/{resource}/{app}-@@sfx@@",
-                    verb=verb,
-                    user=_sa_user(rng, "kube-system", controller, node=rng.choice(_NODES)),
-                    source_ip=_ip(rng),
-                    user_agent=f"kube-controller-manager/{_K8S_VERSION} (linux/amd64) kubernetes/{_K8S_COMMIT}"
-                    f"/system:serviceaccount:kube-system:{controller}",
-                    object_ref=ref,
-                    code=200 if verb != "delete" else 200,
-                    annotations={
-                        allow: "allow",
-                        reason: _rbac_reason(
-                            "ClusterRoleBinding",
-                            f"system:controller:{controller}",
-                            "ClusterRole",
-                            f"system:controller:{controller}",
-                            "ServiceAccount",
-                            f"{controller}/kube-system",
-                        ),
-                    },
-                )
-            )
+        )
     # Watches (long query strings).
-    for resource, group in (("pods", ""), ("services", ""), ("endpointslices", "discovery.k8s.io"),
-                            ("ingresses", "networking.k8s.io")):
+    for resource, group in (
+        ("pods", ""),
+        ("services", ""),
+        ("endpointslices", "discovery.k8s.io"),
+        ("ingresses", "networking.k8s.io"),
+    ):
         prefix = f"/apis/{group}/v1" if group else "/api/v1"
         ref = {"resource": resource, "apiVersion": "v1"}
         if group:
@@ -294,14 +302,19 @@ def _metadata_shapes(rng: random.Random) -> list[dict[str, Any]]:
                 verb="watch",
                 user=_sa_user(rng, "ingress-nginx", "ingress-nginx"),
                 source_ip=_ip(rng),
-                user_agent="nginx-ingress-controller/v1.11.2 (linux/amd64) ingress-nginx/46e76e5916813cfca2a9b0bfdc34b69a0000f6b9",
+                user_agent="nginx-ingress-controller/v1.11.2 (linux/amd64) "
+                "ingress-nginx/46e76e5916813cfca2a9b0bfdc34b69a0000f6b9",
                 object_ref=ref,
                 code=200,
                 annotations={
                     allow: "allow",
                     reason: _rbac_reason(
-                        "ClusterRoleBinding", "ingress-nginx", "ClusterRole", "ingress-nginx",
-                        "ServiceAccount", "ingress-nginx/ingress-nginx",
+                        "ClusterRoleBinding",
+                        "ingress-nginx",
+                        "ClusterRole",
+                        "ingress-nginx",
+                        "ServiceAccount",
+                        "ingress-nginx/ingress-nginx",
                     ),
                 },
             )
@@ -324,8 +337,7 @@ def _metadata_shapes(rng: random.Random) -> list[dict[str, Any]]:
                 code=200,
                 annotations={
                     allow: "allow",
-                    reason: _rbac_reason("RoleBinding", "équipe-lecture", "ClusterRole", "view", "Group",
-                                         groups[0]),
+                    reason: _rbac_reason("RoleBinding", "équipe-lecture", "ClusterRole", "view", "Group", groups[0]),
                 },
             )
         )
@@ -337,8 +349,7 @@ def _metadata_shapes(rng: random.Random) -> list[dict[str, Any]]:
                 user=human,
                 source_ip=f"192.168.{rng.randrange(0, 255)}.{rng.randrange(2, 250)}",
                 user_agent=kubectl_ua,
-                object_ref={"resource": "secrets", "namespace": namespace, "name": f"{app}-tls",
-                            "apiVersion": "v1"},
+                object_ref={"resource": "secrets", "namespace": namespace, "name": f"{app}-tls", "apiVersion": "v1"},
                 code=403,
                 status={
                     "metadata": {},
@@ -360,17 +371,24 @@ def _metadata_shapes(rng: random.Random) -> list[dict[str, Any]]:
                 user=human,
                 source_ip=f"192.168.{rng.randrange(0, 255)}.{rng.randrange(2, 250)}",
                 user_agent=kubectl_ua,
-                object_ref={"resource": "deployments", "namespace": namespace, "name": app, "uid": _uid(rng),
-                            "apiGroup": "apps", "apiVersion": "v1", "resourceVersion": "@@rv@@"},
+                object_ref={
+                    "resource": "deployments",
+                    "namespace": namespace,
+                    "name": app,
+                    "uid": _uid(rng),
+                    "apiGroup": "apps",
+                    "apiVersion": "v1",
+                    "resourceVersion": "@@rv@@",
+                },
                 code=200,
                 annotations={
                     allow: "allow",
-                    reason: _rbac_reason("RoleBinding", "déploiement-équipe", "ClusterRole", "edit", "Group",
-                                         groups[0]),
+                    reason: _rbac_reason(
+                        "RoleBinding", "déploiement-équipe", "ClusterRole", "edit", "Group", groups[0]
+                    ),
                     "policy.example.com/ticket": "CHG-2026 ✅ Änderung genehmigt — 変更承認済み 🚀",
                     "mutation.webhook.admission.k8s.io/round_0_index_0": orjson.dumps(
-                        {"configuration": "policy-webhook", "webhook": "mutate.policy.example.com",
-                         "mutated": False}
+                        {"configuration": "policy-webhook", "webhook": "mutate.policy.example.com", "mutated": False}
                     ).decode(),
                 },
             )
@@ -394,24 +412,33 @@ def _managed_fields(manager: str, operation: str, fields: dict[str, Any]) -> lis
 def _configmap(rng: random.Random, namespace: str, app: str, rv: str | None) -> dict[str, Any]:
     data = {
         "app.yaml": (
-            f"server:\n  name: {app}\n  port: 8080\n  greeting: \"Grüß Gott — こんにちは — 🎉\"\n"
+            f'server:\n  name: {app}\n  port: 8080\n  greeting: "Grüß Gott — こんにちは — 🎉"\n'
             "  locales: [de-AT, ja-JP, fr-FR, es-ES]\n"
-            "features:\n  checkout: true\n  recommendations: false\n  beta_ui: \"enabled for 10%\"\n"
+            'features:\n  checkout: true\n  recommendations: false\n  beta_ui: "enabled for 10%"\n'
             + "".join(f"  flag_{i:02d}: {rng.choice(['true', 'false'])}\n" for i in range(40))
         ),
         "logging.json": orjson.dumps(
-            {"level": "info", "format": "json", "fields": {"service": app, "team": "zahlungsverkehr-ü"},
-             "sampling": {"initial": 100, "thereafter": 100}}
+            {
+                "level": "info",
+                "format": "json",
+                "fields": {"service": app, "team": "zahlungsverkehr-ü"},
+                "sampling": {"initial": 100, "thereafter": 100},
+            }
         ).decode(),
         "motd": "Willkommen! Bienvenue! ようこそ! 歡迎! Добро пожаловать! 👋",
     }
     meta: dict[str, Any] = {
         "name": f"{app}-config",
         "namespace": namespace,
-        "labels": {"app.kubernetes.io/name": app, "app.kubernetes.io/part-of": "shop",
-                   "app.kubernetes.io/managed-by": "argocd"},
-        "annotations": {"description": "Konfiguration für den Bezahldienst (日本語の説明付き)",
-                        "argocd.argoproj.io/tracking-id": f"shop:/ConfigMap:{namespace}/{app}-config"},
+        "labels": {
+            "app.kubernetes.io/name": app,
+            "app.kubernetes.io/part-of": "shop",
+            "app.kubernetes.io/managed-by": "argocd",
+        },
+        "annotations": {
+            "description": "Konfiguration für den Bezahldienst (日本語の説明付き)",
+            "argocd.argoproj.io/tracking-id": f"shop:/ConfigMap:{namespace}/{app}-config",
+        },
     }
     if rv is not None:
         meta.update(
@@ -422,12 +449,18 @@ def _configmap(rng: random.Random, namespace: str, app: str, rv: str | None) -> 
                 "managedFields": _managed_fields(
                     "argocd-controller",
                     "Update",
-                    {"f:data": {".": {}, "f:app.yaml": {}, "f:logging.json": {}, "f:motd": {}},
-                     "f:metadata": {"f:annotations": {".": {}, "f:description": {},
-                                                      "f:argocd.argoproj.io/tracking-id": {}},
-                                    "f:labels": {".": {}, "f:app.kubernetes.io/managed-by": {},
-                                                 "f:app.kubernetes.io/name": {},
-                                                 "f:app.kubernetes.io/part-of": {}}}},
+                    {
+                        "f:data": {".": {}, "f:app.yaml": {}, "f:logging.json": {}, "f:motd": {}},
+                        "f:metadata": {
+                            "f:annotations": {".": {}, "f:description": {}, "f:argocd.argoproj.io/tracking-id": {}},
+                            "f:labels": {
+                                ".": {},
+                                "f:app.kubernetes.io/managed-by": {},
+                                "f:app.kubernetes.io/name": {},
+                                "f:app.kubernetes.io/part-of": {},
+                            },
+                        },
+                    },
                 ),
             }
         )
@@ -438,12 +471,26 @@ def _pod_spec(app: str, node: str | None) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "volumes": [
             {"name": "config", "configMap": {"name": f"{app}-config", "defaultMode": 420}},
-            {"name": "kube-api-access-@@sfx@@", "projected": {"sources": [
-                {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
-                {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
-                {"downwardAPI": {"items": [{"path": "namespace", "fieldRef": {"apiVersion": "v1",
-                                                                              "fieldPath": "metadata.namespace"}}]}},
-            ], "defaultMode": 420}},
+            {
+                "name": "kube-api-access-@@sfx@@",
+                "projected": {
+                    "sources": [
+                        {"serviceAccountToken": {"expirationSeconds": 3607, "path": "token"}},
+                        {"configMap": {"name": "kube-root-ca.crt", "items": [{"key": "ca.crt", "path": "ca.crt"}]}},
+                        {
+                            "downwardAPI": {
+                                "items": [
+                                    {
+                                        "path": "namespace",
+                                        "fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.namespace"},
+                                    }
+                                ]
+                            }
+                        },
+                    ],
+                    "defaultMode": 420,
+                },
+            },
         ],
         "containers": [
             {
@@ -453,22 +500,36 @@ def _pod_spec(app: str, node: str | None) -> dict[str, Any]:
                 "env": [
                     {"name": "GREETING", "value": "Grüß Gott 👋"},
                     {"name": "REGION", "value": "eu-central-1"},
-                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1",
-                                                                    "fieldPath": "metadata.name"}}},
+                    {"name": "POD_NAME", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "metadata.name"}}},
                 ],
-                "resources": {"limits": {"cpu": "500m", "memory": "512Mi"},
-                              "requests": {"cpu": "100m", "memory": "128Mi"}},
-                "volumeMounts": [{"name": "config", "readOnly": True, "mountPath": "/etc/app"},
-                                 {"name": "kube-api-access-@@sfx@@", "readOnly": True,
-                                  "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount"}],
-                "livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080, "scheme": "HTTP"},
-                                  "timeoutSeconds": 1, "periodSeconds": 10, "successThreshold": 1,
-                                  "failureThreshold": 3},
+                "resources": {
+                    "limits": {"cpu": "500m", "memory": "512Mi"},
+                    "requests": {"cpu": "100m", "memory": "128Mi"},
+                },
+                "volumeMounts": [
+                    {"name": "config", "readOnly": True, "mountPath": "/etc/app"},
+                    {
+                        "name": "kube-api-access-@@sfx@@",
+                        "readOnly": True,
+                        "mountPath": "/var/run/secrets/kubernetes.io/serviceaccount",
+                    },
+                ],
+                "livenessProbe": {
+                    "httpGet": {"path": "/healthz", "port": 8080, "scheme": "HTTP"},
+                    "timeoutSeconds": 1,
+                    "periodSeconds": 10,
+                    "successThreshold": 1,
+                    "failureThreshold": 3,
+                },
                 "terminationMessagePath": "/dev/termination-log",
                 "terminationMessagePolicy": "File",
                 "imagePullPolicy": "IfNotPresent",
-                "securityContext": {"runAsNonRoot": True, "readOnlyRootFilesystem": True,
-                                    "allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+                "securityContext": {
+                    "runAsNonRoot": True,
+                    "readOnlyRootFilesystem": True,
+                    "allowPrivilegeEscalation": False,
+                    "capabilities": {"drop": ["ALL"]},
+                },
             }
         ],
         "restartPolicy": "Always",
@@ -479,10 +540,18 @@ def _pod_spec(app: str, node: str | None) -> dict[str, Any]:
         "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
         "schedulerName": "default-scheduler",
         "tolerations": [
-            {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute",
-             "tolerationSeconds": 300},
-            {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute",
-             "tolerationSeconds": 300},
+            {
+                "key": "node.kubernetes.io/not-ready",
+                "operator": "Exists",
+                "effect": "NoExecute",
+                "tolerationSeconds": 300,
+            },
+            {
+                "key": "node.kubernetes.io/unreachable",
+                "operator": "Exists",
+                "effect": "NoExecute",
+                "tolerationSeconds": 300,
+            },
         ],
         "priority": 0,
         "enableServiceLinks": True,
@@ -499,29 +568,62 @@ def _pod(rng: random.Random, namespace: str, app: str, rv: str | None) -> dict[s
         "generateName": f"{app}-7c9f6d8b4d-",
         "namespace": namespace,
         "labels": {"app.kubernetes.io/name": app, "pod-template-hash": "7c9f6d8b4d"},
-        "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-11-26T11:00:00+01:00",
-                        "team.example.com/owner": "Zahlungsverkehr — Jürgen Müller"},
-        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": f"{app}-7c9f6d8b4d",
-                             "uid": _uid(rng), "controller": True, "blockOwnerDeletion": True}],
+        "annotations": {
+            "kubectl.kubernetes.io/restartedAt": "2026-11-26T11:00:00+01:00",
+            "team.example.com/owner": "Zahlungsverkehr — Jürgen Müller",
+        },
+        "ownerReferences": [
+            {
+                "apiVersion": "apps/v1",
+                "kind": "ReplicaSet",
+                "name": f"{app}-7c9f6d8b4d",
+                "uid": _uid(rng),
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
     }
     pod: dict[str, Any] = {"kind": "Pod", "apiVersion": "v1", "metadata": meta}
     if rv is None:
         pod["spec"] = _pod_spec(app, None)
         pod["status"] = {}
         return pod
-    meta.update({"uid": _uid(rng), "resourceVersion": rv, "creationTimestamp": "2026-11-26T11:58:02Z",
-                 "managedFields": _managed_fields(
-                     "kube-controller-manager", "Update",
-                     {"f:metadata": {"f:generateName": {}, "f:labels": {".": {}, "f:app.kubernetes.io/name": {},
-                                                                         "f:pod-template-hash": {}},
-                                     "f:ownerReferences": {".": {}, f'k:{{"uid":"{_uid(rng)}"}}': {}}},
-                      "f:spec": {"f:containers": {f'k:{{"name":"{app}"}}': {
-                          ".": {}, "f:env": {".": {}, 'k:{"name":"GREETING"}': {".": {}, "f:name": {},
-                                                                                  "f:value": {}}},
-                          "f:image": {}, "f:imagePullPolicy": {}, "f:livenessProbe": {},
-                          "f:name": {}, "f:ports": {}, "f:resources": {}, "f:securityContext": {}}},
-                          "f:dnsPolicy": {}, "f:enableServiceLinks": {}, "f:restartPolicy": {}}},
-                 )})
+    meta.update(
+        {
+            "uid": _uid(rng),
+            "resourceVersion": rv,
+            "creationTimestamp": "2026-11-26T11:58:02Z",
+            "managedFields": _managed_fields(
+                "kube-controller-manager",
+                "Update",
+                {
+                    "f:metadata": {
+                        "f:generateName": {},
+                        "f:labels": {".": {}, "f:app.kubernetes.io/name": {}, "f:pod-template-hash": {}},
+                        "f:ownerReferences": {".": {}, f'k:{{"uid":"{_uid(rng)}"}}': {}},
+                    },
+                    "f:spec": {
+                        "f:containers": {
+                            f'k:{{"name":"{app}"}}': {
+                                ".": {},
+                                "f:env": {".": {}, 'k:{"name":"GREETING"}': {".": {}, "f:name": {}, "f:value": {}}},
+                                "f:image": {},
+                                "f:imagePullPolicy": {},
+                                "f:livenessProbe": {},
+                                "f:name": {},
+                                "f:ports": {},
+                                "f:resources": {},
+                                "f:securityContext": {},
+                            }
+                        },
+                        "f:dnsPolicy": {},
+                        "f:enableServiceLinks": {},
+                        "f:restartPolicy": {},
+                    },
+                },
+            ),
+        }
+    )
     pod["spec"] = _pod_spec(app, rng.choice(_NODES))
     pod["status"] = {"phase": "Pending", "qosClass": "Burstable"}
     return pod
@@ -542,14 +644,28 @@ def _request_response_shapes(rng: random.Random) -> list[dict[str, Any]]:
                 user=_sa_user(rng, "argocd", "argocd-application-controller", node=rng.choice(_NODES)),
                 source_ip=_ip(rng),
                 user_agent="argocd-application-controller/v2.13.1+af54ef8 (linux/amd64) kubernetes/af54ef8",
-                object_ref={"resource": "configmaps", "namespace": namespace, "name": f"{app}-config",
-                            "uid": _uid(rng), "apiVersion": "v1", "resourceVersion": "@@rv@@"},
+                object_ref={
+                    "resource": "configmaps",
+                    "namespace": namespace,
+                    "name": f"{app}-config",
+                    "uid": _uid(rng),
+                    "apiVersion": "v1",
+                    "resourceVersion": "@@rv@@",
+                },
                 code=200,
                 request_object=_configmap(rng, namespace, app, None),
                 response_object=_configmap(rng, namespace, app, "@@rv@@"),
-                annotations={allow: "allow", reason: _rbac_reason(
-                    "ClusterRoleBinding", "argocd-application-controller", "ClusterRole",
-                    "argocd-application-controller", "ServiceAccount", "argocd-application-controller/argocd")},
+                annotations={
+                    allow: "allow",
+                    reason: _rbac_reason(
+                        "ClusterRoleBinding",
+                        "argocd-application-controller",
+                        "ClusterRole",
+                        "argocd-application-controller",
+                        "ServiceAccount",
+                        "argocd-application-controller/argocd",
+                    ),
+                },
             )
         )
         shapes.append(
@@ -561,18 +677,29 @@ def _request_response_shapes(rng: random.Random) -> list[dict[str, Any]]:
                 source_ip=_ip(rng),
                 user_agent=f"kube-controller-manager/{_K8S_VERSION} (linux/amd64) kubernetes/{_K8S_COMMIT}"
                 "/system:serviceaccount:kube-system:replicaset-controller",
-                object_ref={"resource": "pods", "namespace": namespace, "name": f"{app}-7c9f6d8b4d-@@sfx@@",
-                            "apiVersion": "v1"},
+                object_ref={
+                    "resource": "pods",
+                    "namespace": namespace,
+                    "name": f"{app}-7c9f6d8b4d-@@sfx@@",
+                    "apiVersion": "v1",
+                },
                 code=201,
                 status={"metadata": {}, "code": 201},
                 request_object=_pod(rng, namespace, app, None),
                 response_object=_pod(rng, namespace, app, "@@rv@@"),
-                annotations={allow: "allow", reason: _rbac_reason(
-                    "ClusterRoleBinding", "system:controller:replicaset-controller", "ClusterRole",
-                    "system:controller:replicaset-controller", "ServiceAccount",
-                    "replicaset-controller/kube-system"),
+                annotations={
+                    allow: "allow",
+                    reason: _rbac_reason(
+                        "ClusterRoleBinding",
+                        "system:controller:replicaset-controller",
+                        "ClusterRole",
+                        "system:controller:replicaset-controller",
+                        "ServiceAccount",
+                        "replicaset-controller/kube-system",
+                    ),
                     "pod-security.kubernetes.io/enforce-policy": "restricted:latest",
-                    "note.example.com/by": f"{username} ({groups[0]})"},
+                    "note.example.com/by": f"{username} ({groups[0]})",
+                },
             )
         )
     return shapes
@@ -581,7 +708,7 @@ def _request_response_shapes(rng: random.Random) -> list[dict[str, Any]]:
 def _template(event: dict[str, Any]) -> bytes:
     """Serialise once; turn the ``@@hole@@`` markers into ``%(hole)s`` for ``bytes % mapping``."""
     raw = orjson.dumps(event).replace(b"%", b"%%")
-    return _HOLE_RE.sub(lambda m: b"%(" + m.group(1) + b")s", raw)
+    return _HOLE_RE.sub(lambda m: b"%(" + m.group(1) + b")s", raw) + b"\n"
 
 
 @cache
@@ -639,13 +766,18 @@ def generate_events(
     rng = random.Random(seed)
     rand = rng.random
     bits = rng.getrandbits
-    seconds_cache: dict[int, bytes] = {}
+    last_second = -1
+    second_prefix = b""
     prev_rts = start_us - 1
     prev_sts = start_us - 1
     for index in range(count):
         r = bits(64)
         aid = b"%s%08x-%04x-4%03x-%04x-%012x" % (
-            prefix, r >> 32, (r >> 16) & 0xFFFF, (r >> 4) & 0xFFF, 0x8000 | (r & 0xF) << 8 | index >> 48 & 0xFF,
+            prefix,
+            r >> 32,
+            (r >> 16) & 0xFFFF,
+            (r >> 4) & 0xFFF,
+            0x8000 | (r & 0xF) << 8 | (index >> 48) & 0xFF,
             index & 0xFFFFFFFFFFFF,
         )
         rts = start_us + int(index * step_us)
@@ -657,29 +789,32 @@ def generate_events(
             sts = prev_sts + 1
         prev_rts = rts
         prev_sts = sts
+        # Timestamps: "YYYY-MM-DDTHH:MM:SS" changes once per second of log time; format it only then.
+        second, micros = divmod(rts, 1_000_000)
+        if second != last_second:
+            last_second = second
+            second_prefix = _second_prefix(second)
+        rts_text = b"%s.%06dZ" % (second_prefix, micros)
+        second, micros = divmod(sts, 1_000_000)
+        if second != last_second:
+            last_second = second
+            second_prefix = _second_prefix(second)
+        sts_text = b"%s.%06dZ" % (second_prefix, micros)
         if index % RR_EVERY == RR_EVERY - 1:
             template = request_response[int(rand() * n_rr)]
         else:
             template = metadata[int(rand() * n_meta)]
         yield template % {
             b"aid": aid,
-            b"rts": _format_us(rts, seconds_cache),
-            b"sts": _format_us(sts, seconds_cache),
+            b"rts": rts_text,
+            b"sts": sts_text,
             b"rv": b"%d" % (48_000_000 + index * 7 + bits(3)),
             b"sfx": suffixes[bits(12)],
-        } + b"\n"
+        }
 
 
-def _format_us(us: int, cache: dict[int, bytes]) -> bytes:
-    seconds, micros = divmod(us, 1_000_000)
-    prefix = cache.get(seconds)
-    if prefix is None:
-        if len(cache) > 64:
-            cache.clear()
-        stamp = datetime(1970, 1, 1) + timedelta(seconds=seconds)
-        prefix = stamp.strftime("%Y-%m-%dT%H:%M:%S").encode()
-        cache[seconds] = prefix
-    return b"%s.%06dZ" % (prefix, micros)
+def _second_prefix(second: int) -> bytes:
+    return (datetime(1970, 1, 1) + timedelta(seconds=second)).strftime("%Y-%m-%dT%H:%M:%S").encode()
 
 
 _AUDIT_ID_KEY: Final = b'"auditID":"'
@@ -897,9 +1032,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     events = generate_events(args.count, seed=args.seed, rate_per_second=args.rate, id_prefix=args.id_prefix)
     total = 0
-    with (
-        open(sys.stdout.fileno(), "wb", closefd=False) if str(args.out) == "-" else args.out.open("wb")
-    ) as out:
+    with open(sys.stdout.fileno(), "wb", closefd=False) if str(args.out) == "-" else args.out.open("wb") as out:
         batch: list[bytes] = []
         for line in events:
             batch.append(line)

@@ -12,7 +12,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
@@ -60,7 +60,7 @@ def _default_text(name: str) -> str:
 def add_settings_arguments(
     parser: argparse.ArgumentParser,
     names: Iterable[str] | None = None,
-    aliases: dict[str, Sequence[str]] | None = None,
+    aliases: Mapping[str, Sequence[str]] | None = None,
 ) -> None:
     """One flag per setting, in groups, defaults and env names in the help. Values are validated by the model."""
     wanted = set(names) if names is not None else None

@@ -48,7 +48,7 @@ def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
 
 
 def write_dev_certs(directory: Path, server_names: list[str] | None = None,
-                    client_name: str = "audittailer-client", days: int = 30) -> DevCerts:
+                    client_name: str = "audittailer-client", days: int = 365) -> DevCerts:
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())

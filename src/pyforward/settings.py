@@ -545,7 +545,9 @@ def flag_name(setting: str) -> str:
     return "--" + setting.replace("_", "-")
 
 
-def format_validation_error(error: ValidationError) -> str:
+def format_validation_error(error: ValidationError, legacy_origin: Mapping[str, str] | None = None) -> str:
+    """``legacy_origin`` (setting -> AUDIT_* name) names the variable the operator actually set."""
+    legacy_origin = legacy_origin or {}
     lines = []
     for item in error.errors():
         loc = [str(part) for part in item.get("loc", ()) if part != "__root__"]
@@ -554,9 +556,17 @@ def format_validation_error(error: ValidationError) -> str:
             setting = loc[0]
             value = item.get("input")
             shown = "" if setting in SECRET_FIELDS or isinstance(value, dict) else f" (got {value!r})"
-            lines.append(f"invalid setting {env_name(setting)} ({flag_name(setting)}): {message}{shown}")
+            names = f"{env_name(setting)} ({flag_name(setting)})"
+            if setting in legacy_origin:
+                names = f"{legacy_origin[setting]} (audit-forwarder name of {env_name(setting)}, {flag_name(setting)})"
+            lines.append(f"invalid setting {names}: {message}{shown}")
         else:
-            lines.append(f"invalid settings: {message}")
+            came = [
+                f"{env_name(s)} comes from {o}"
+                for s, o in legacy_origin.items()
+                if re.search(rf"\b{env_name(s)}\b", message)
+            ]
+            lines.append(f"invalid settings: {message}" + (f" ({'; '.join(came)})" if came else ""))
     return "\n".join(lines)
 
 
@@ -575,7 +585,9 @@ def load_settings(overrides: Mapping[str, Any] | None = None) -> Settings:
     try:
         return Settings(**dict(overrides or {}))
     except ValidationError as exc:
-        raise SettingsError(format_validation_error(exc)) from None
+        # A value from an AUDIT_* variable is reported under that name (flags win over it).
+        origin = {k: v for k, v in read_legacy_env(os.environ).origin.items() if k not in (overrides or {})}
+        raise SettingsError(format_validation_error(exc, origin)) from None
 
 
 def sources(

@@ -395,7 +395,11 @@ class _Opener:
             transport = await self.loop.start_tls(self.transport, self.protocol, context, server_hostname=server_name)
         except (ssl.SSLError, OSError) as exc:
             named = f" (server name {server_name})" if isinstance(exc, ssl.SSLCertVerificationError) else ""
-            raise TransportError(step, f"TLS to {what} failed{named}: {_reason(exc)}") from None
+            reason = _reason(exc)
+            if isinstance(exc, ConnectionError):
+                # Many servers (asyncio's among them) drop the connection without a TLS alert.
+                reason += f" during the handshake{_client_cert_hint(material)}"
+            raise TransportError(step, f"TLS to {what} failed{named}: {reason}") from None
         if transport is None:  # pragma: no cover - only when the transport was closed meanwhile
             raise TransportError(step, f"TLS to {what} failed: connection closed during the handshake")
         self.transports.append(transport)
@@ -429,10 +433,20 @@ class _Opener:
                 )
             if protocol.closed or protocol.eof:
                 exc = protocol.exc
-                if isinstance(exc, ssl.SSLError) and proxy.tls is not None:
-                    # TLS 1.3: the proxy checks our client certificate after our side of the handshake
-                    # has completed (RFC 8446 §4.4.2), so its rejection arrives as an alert here.
-                    raise TransportError("proxy-tls", f"{proxy.describe()} rejected the TLS session: {_reason(exc)}")
+                if proxy.tls is not None and not protocol.buffer:
+                    # TLS 1.3: the proxy checks our client certificate only after our side of the
+                    # handshake has completed (RFC 8446 §4.4.2), so its rejection arrives now: as an
+                    # alert, or (when its close races our CONNECT bytes) as a reset or a bare close.
+                    if isinstance(exc, ssl.SSLError):
+                        raise TransportError(
+                            "proxy-tls", f"{proxy.describe()} rejected the TLS session: {_reason(exc)}"
+                        )
+                    reason = _reason(exc) if exc is not None else "closed"
+                    raise TransportError(
+                        "proxy-tls",
+                        f"{proxy.describe()} ended the TLS session before answering {asked}: {reason}"
+                        f"{_client_cert_hint(proxy.tls, accepted=True)}",
+                    )
                 got = f" (after {len(protocol.buffer)} bytes of a head)" if protocol.buffer else ""
                 reason = f": {_reason(exc)}" if exc is not None else ""
                 raise TransportError(
@@ -455,13 +469,15 @@ class _Opener:
             raise TransportError(
                 "connect-request", f"{proxy.describe()} answered {asked} with {status_text}{hint}", status=status
             )
-        if extra:
-            # The receiver speaks only after our TLS ClientHello / first message; bytes here would be
-            # taken as the receiver's and corrupt the TLS session or the Forward stream.
+        if extra and self.dest.tls is not None:
+            # A TLS server speaks only after our ClientHello: these bytes are the proxy's, and would
+            # otherwise surface as plaintext "from the receiver" after the handshake.
+            # Without TLS they are left in the stream: a Forward receiver with a shared key sends its
+            # HELO as soon as the connection is up (Forward protocol v1, "Handshake Messages").
             raise TransportError(
                 "connect-request",
                 f"{proxy.describe()} sent {extra} bytes after its {status_text} answer to {asked} "
-                "before the client spoke",
+                "before the TLS handshake",
                 status=status,
             )
         self._done(first_line.decode("latin-1"))
@@ -478,6 +494,14 @@ class _Opener:
             reader.feed_data(bytes(self.protocol.buffer))
             self.protocol.buffer.clear()
         return reader, asyncio.StreamWriter(transport, protocol, reader, self.loop)
+
+
+def _client_cert_hint(material: TLSMaterial, *, accepted: bool = False) -> str:
+    if not material.has_client_certificate:
+        return " (no client certificate configured; the peer may require one)"
+    if accepted:
+        return " (does the peer accept our client certificate?)"
+    return ""
 
 
 def _sockname(transport: asyncio.BaseTransport) -> str:

@@ -1,0 +1,350 @@
+"""Where reading stands, and how that survives a restart.
+
+The checkpoint is the only state pyforward keeps besides the log files themselves ("the log file is the
+buffer"). It names a file by device, inode and a fingerprint of its first bytes, plus an offset, and it is
+advanced only to the end of the last contiguous range of chunks the receiver has acked. fluent-bit saves its
+offset when lines are *read* (fluent-bit #5912: output down + hard kill = lines lost) and keeps it in a DB on
+the container's root fs; both are what this module exists to avoid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "FINGERPRINT_BYTES",
+    "AckTracker",
+    "CheckpointError",
+    "CheckpointWriter",
+    "FileIdentity",
+    "Position",
+    "fingerprint",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+log = logging.getLogger(__name__)
+
+#: How many leading bytes of a file identify it (with dev and inode). One audit event is 0.6-1 KB, so
+#: 4 KiB covers several events with unique auditIDs and timestamps: two different files never share it.
+FINGERPRINT_BYTES = 4096
+
+CHECKPOINT_VERSION = 1
+
+_RESTART_HINT = "delete it to start per PYFORWARD_START_AT (head|tail), or restore it from a backup"
+
+
+def fingerprint(head: bytes) -> str:
+    """Hex digest of `head` (the caller passes exactly the bytes to fingerprint)."""
+    return hashlib.sha256(head).hexdigest()
+
+
+@dataclass(frozen=True)
+class FileIdentity:
+    """A file, recognisable again after renames, restarts and inode reuse.
+
+    (dev, ino) alone is not enough: inodes are reused once a file is deleted (a restart after a deleted
+    backup could resume in an unrelated file), and a gzipped or copied backup has a new inode but the same
+    content. Hence the fingerprint of the first `fp_len` bytes (fp_len < FINGERPRINT_BYTES when the file was
+    shorter than that when the identity was taken).
+    """
+
+    dev: int
+    ino: int
+    fp_len: int
+    fp_hash: str
+
+    @classmethod
+    def of(cls, dev: int, ino: int, head: bytes) -> FileIdentity:
+        """Identity of a file whose first bytes are `head` (only the first FINGERPRINT_BYTES are used)."""
+        head = head[:FINGERPRINT_BYTES]
+        return cls(dev=dev, ino=ino, fp_len=len(head), fp_hash=fingerprint(head))
+
+    def matches_head(self, head: bytes) -> bool:
+        """True if `head` (the first bytes of a candidate file) starts with the fingerprinted bytes.
+
+        An identity with fp_len 0 (taken of an empty file) matches every head; callers that match on the
+        fingerprint alone must require more (see tailer.py).
+        """
+        return len(head) >= self.fp_len and fingerprint(head[: self.fp_len]) == self.fp_hash
+
+
+@dataclass(frozen=True)
+class Position:
+    """A point in the stream of lines: `offset` bytes into `file` (into the decompressed data for a .gz)."""
+
+    file: FileIdentity
+    offset: int
+    path: str  # only for messages: the name the file had when it was read
+
+
+class CheckpointError(Exception):
+    """The checkpoint file exists but cannot be used. The message says what is wrong and what to do."""
+
+
+def _position_to_json(position: Position) -> dict[str, Any]:
+    f = position.file
+    return {
+        "version": CHECKPOINT_VERSION,
+        "file": {"dev": f.dev, "ino": f.ino, "fp_len": f.fp_len, "fp_hash": f.fp_hash},
+        "offset": position.offset,
+        "path": position.path,
+        "written_at": time.time(),  # for operators only
+    }
+
+
+def _field(obj: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    value = obj.get(key)
+    # bool is an int subclass; a checkpoint saying "offset": true is garbage, not offset 1.
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise ValueError(f"field {where}{key} is missing or not a {kind.__name__}")
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"field {where}{key} is negative")
+    return value
+
+
+def _position_from_json(doc: Any) -> Position:
+    if not isinstance(doc, dict):
+        raise ValueError("it is not a JSON object")
+    raw_file = doc.get("file")
+    if not isinstance(raw_file, dict):
+        raise ValueError("field file is missing or not an object")
+    fp_len = _field(raw_file, "fp_len", int, "file.")
+    if fp_len > FINGERPRINT_BYTES:
+        raise ValueError(f"field file.fp_len is above {FINGERPRINT_BYTES}")
+    fp_hash = _field(raw_file, "fp_hash", str, "file.")
+    if len(fp_hash) != 64 or any(c not in "0123456789abcdef" for c in fp_hash):
+        raise ValueError("field file.fp_hash is not a sha256 hex digest")
+    identity = FileIdentity(
+        dev=_field(raw_file, "dev", int, "file."),
+        ino=_field(raw_file, "ino", int, "file."),
+        fp_len=fp_len,
+        fp_hash=fp_hash,
+    )
+    return Position(file=identity, offset=_field(doc, "offset", int, ""), path=_field(doc, "path", str, ""))
+
+
+def load_checkpoint(path: Path) -> Position | None:
+    """The saved position, or None if there is no checkpoint file yet.
+
+    Raises CheckpointError for a file that exists but cannot be trusted: guessing would either lose lines
+    (start at the tail) or duplicate a whole backlog (start at the head), so the operator decides.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({e.strerror or e}): fix its permissions, or {_RESTART_HINT}"
+        ) from e
+    if not raw.strip():
+        raise CheckpointError(f"checkpoint {path} is empty (truncated): {_RESTART_HINT}")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt (not JSON): {_RESTART_HINT}") from e
+    version = doc.get("version") if isinstance(doc, dict) else None
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has version {version!r}, this pyforward reads version {CHECKPOINT_VERSION}: "
+            f"run a pyforward that wrote it, or {_RESTART_HINT}"
+        )
+    try:
+        return _position_from_json(doc)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {path} is invalid ({e}): {_RESTART_HINT}") from e
+
+
+def save_checkpoint(path: Path, position: Position) -> None:
+    """Replace the checkpoint atomically: a crash at any point leaves either the old or the new file.
+
+    Write a temp file in the same directory (rename is atomic only within a file system), fsync it, rename it
+    over the old one, fsync the directory (else the rename itself may not survive a power loss).
+    Raises OSError (read-only dir, disk full); the previous checkpoint file is then untouched.
+    """
+    data = json.dumps(_position_to_json(position), separators=(",", ":")).encode() + b"\n"
+    directory = path.parent
+    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        try:
+            os.unlink(tmp_name)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class AckTracker:
+    """Turns out-of-order acks into a checkpoint that only ever covers acked lines.
+
+    Chunks are registered in send order with the Position just after their last line. Acks may arrive in
+    any order (several connections, retries); the checkpoint may only move to the end of the last chunk of
+    the contiguous acked prefix, else a crash would skip an unacked chunk sent earlier.
+    """
+
+    def __init__(self) -> None:
+        self._next_seq = 0
+        self._base = 0  # lowest sequence number not yet folded into the high-water mark
+        self._positions: dict[int, Position] = {}
+        self._acked: set[int] = set()
+        self._high_water: Position | None = None
+
+    def register(self, position: Position) -> int:
+        """Record a chunk ending at `position`; call in send order. Returns its sequence number."""
+        seq = self._next_seq
+        self._next_seq += 1
+        self._positions[seq] = position
+        return seq
+
+    def ack(self, seq: int) -> Position | None:
+        """Mark `seq` acked. Returns the new high-water Position if it advanced, else None.
+
+        A repeated ack is ignored (None); an ack for a number never registered is a bug (ValueError).
+        """
+        if seq >= self._next_seq or seq < 0:
+            raise ValueError(f"ack for sequence number {seq}, which was never registered")
+        if seq < self._base or seq in self._acked:
+            return None
+        self._acked.add(seq)
+        advanced: Position | None = None
+        while self._base in self._acked:
+            self._acked.remove(self._base)
+            advanced = self._positions.pop(self._base)
+            self._base += 1
+        if advanced is not None:
+            self._high_water = advanced
+        return advanced
+
+    @property
+    def pending(self) -> int:
+        """Registered chunks whose ack has not arrived yet."""
+        return self._next_seq - self._base - len(self._acked)
+
+    @property
+    def high_water(self) -> Position | None:
+        """End of the contiguous acked prefix (None before the first one)."""
+        return self._high_water
+
+
+class CheckpointWriter:
+    """Writes checkpoint updates in the background, newest first, one at a time.
+
+    Acks can arrive thousands of times a second; each save costs two fsyncs. Only the newest position
+    matters, so updates that arrive while a write is running are coalesced into one next write. A failed
+    write (read-only dir, disk full) is logged (at most once per `error_log_interval`), the last good file
+    stays, shipping goes on, and the write is retried after `retry_delay` unless a newer update comes first:
+    a stale checkpoint only means duplicates after a restart, never loss.
+    """
+
+    def __init__(self, path: Path, *, error_log_interval: float = 60.0, retry_delay: float = 5.0) -> None:
+        self.path = path
+        self._error_log_interval = error_log_interval
+        self._retry_delay = retry_delay
+        self._pending: Position | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._unwritten: Position | None = None  # last position whose write failed
+        self._closed = False
+        self.last_written: Position | None = None
+        self.writes = 0
+        self.failures = 0
+        self._failing_since: int | None = None  # failure count when the current failing streak started
+        self._last_error_log = float("-inf")
+        self._suppressed = 0
+
+    def update(self, position: Position) -> None:
+        """Schedule `position` to be written (replacing any not yet written). Call from the event loop."""
+        if self._closed:
+            raise RuntimeError(f"checkpoint writer for {self.path} is closed")
+        self._pending = position
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="checkpoint-writer")
+
+    async def _run(self) -> None:
+        while self._pending is not None:
+            position, self._pending = self._pending, None
+            try:
+                await asyncio.to_thread(save_checkpoint, self.path, position)
+            except OSError as e:
+                self._failed(position, e)
+            else:
+                self._succeeded(position)
+
+    def _succeeded(self, position: Position) -> None:
+        self.writes += 1
+        self.last_written = position
+        self._unwritten = None
+        if self._failing_since is not None:
+            log.warning(
+                "checkpoint %s written again after %d failed attempts",
+                self.path,
+                self.failures - self._failing_since,
+            )
+            self._failing_since = None
+            self._suppressed = 0
+
+    def _failed(self, position: Position, error: OSError) -> None:
+        self.failures += 1
+        if self._failing_since is None:
+            self._failing_since = self.failures - 1
+        now = time.monotonic()
+        if now - self._last_error_log >= self._error_log_interval:
+            more = f" ({self._suppressed} more failures not logged)" if self._suppressed else ""
+            log.error(
+                "cannot write checkpoint %s (%s): keeping the last good one, a restart now would re-send "
+                "lines acked since; will retry%s",
+                self.path,
+                error.strerror or error,
+                more,
+            )
+            self._last_error_log = now
+            self._suppressed = 0
+        else:
+            self._suppressed += 1
+        self._unwritten = position
+        if self._pending is None and not self._closed:
+            loop = asyncio.get_running_loop()
+            self._retry = loop.call_later(self._retry_delay, self._retry_write, position)
+
+    def _retry_write(self, position: Position) -> None:
+        self._retry = None
+        if self._pending is None and not self._closed:
+            self.update(position)
+
+    async def flush(self) -> None:
+        """Return once every update made so far has been written or has failed."""
+        while self._task is not None and not self._task.done():
+            await asyncio.shield(self._task)
+
+    async def close(self) -> None:
+        """Flush (with one last attempt for a write that failed), then refuse further updates."""
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+            if self._pending is None and self._unwritten is not None:
+                self.update(self._unwritten)
+        await self.flush()
+        self._closed = True

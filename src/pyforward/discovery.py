@@ -1,0 +1,743 @@
+"""Kubernetes discovery: where to ship (the receiver Service's ClusterIP and port) and with which client
+certificate (a Secret, written to files for the TLS layer).
+
+audit-forwarder polled both once a minute, took any API error as "service gone" and killed forwarding, and
+restarted fluent-bit with SIGKILL on every certificate change (shared/reference/audit-forwarder.md, losses
+2, 6 and 7). Here each object is followed with list + watch:
+
+- list (``fieldSelector=metadata.name=...``), then watch from the list's resourceVersion; when a watch ends
+  (the server's ``timeoutSeconds``) it is resumed from the last resourceVersion seen; on 410 Gone (an ERROR
+  event or the HTTP status) the object is listed again.
+- API trouble (unreachable, 5xx, 401/403, garbage) never changes what we ship to: the last target and the
+  last certificate files stay, errors are logged at a sane rate and retried with capped exponential backoff.
+- Only an answer from the API that the Service is gone (a DELETED event, an empty list or a 404) pauses
+  shipping (``on_target(None)``); the backlog stays in the log file.
+- Secret material is written atomically (temp file in the directory, 0600, fsync, rename) and only when it
+  changed, so the TLS layer sees either the old or the new file, never half a file.
+- The kubeconfig is re-read when its file changes (inode, mtime, size): the API client is rebuilt and the
+  watches restart against whatever it points at now.
+
+kubernetes_asyncio is imported lazily, inside functions: ``import pyforward.discovery`` stays cheap and a
+static destination never loads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pyforward.settings import Settings
+
+__all__ = ["Discovery", "Target"]
+
+log = logging.getLogger("pyforward.discovery")
+
+# Repeated errors of one kind are logged at most this often (the first one always), with a count.
+ERROR_LOG_INTERVAL = 60.0
+# How often the kubeconfig file is stat()ed for changes (cheap: one stat per path).
+CONFIG_POLL_INTERVAL = 1.0
+# Server-side watch timeout, spread so that many replicas do not reconnect in step (client-go does the same:
+# a random value between 5 and 10 minutes).
+WATCH_TIMEOUT_RANGE = (300, 600)
+# Client-side read timeout beyond the server-side timeout: detects a dead connection (no RST ever comes).
+WATCH_READ_SLACK = 60.0
+# Timeout for one list request (connect timeout is settings.connect_timeout).
+LIST_READ_TIMEOUT = 30.0
+# A watch that ends sooner than this without delivering anything counts as a failure (backoff), so that a
+# server that closes every stream at once is not hammered.
+MIN_HEALTHY_WATCH = 1.0
+# Where the in-cluster config keeps its CA; watched for changes like a kubeconfig.
+INCLUSTER_CA_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where to ship: the Service's ClusterIP and port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class _Gone(Exception):
+    """The resourceVersion we watch from is too old (410): list again."""
+
+
+class _ConfigChanged(Exception):
+    """The kubeconfig file changed: rebuild the client and restart the watches."""
+
+
+class _APIStatus(Exception):
+    """A non-success answer of the API server (HTTP status or ERROR event), with its Status reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(f"{status} {reason}".strip())
+        self.status = status
+        self.reason = reason
+
+
+def _status_of(exc: BaseException) -> int | None:
+    # Our own _APIStatus, and kubernetes_asyncio's ApiException (auth hooks may raise it), both carry .status.
+    status = getattr(exc, "status", None)
+    return status if isinstance(status, int) else None
+
+
+def _describe(exc: BaseException) -> str:
+    """One line about an error, never a response body (it could quote an object)."""
+    if isinstance(exc, _APIStatus):
+        hint = ""
+        if exc.status in (401, 403):
+            hint = " (check the credentials and RBAC of the kubeconfig or service account)"
+        return f"API answered {exc}{hint}"
+    status = _status_of(exc)
+    if status is not None:
+        return f"API answered {status} {getattr(exc, 'reason', '') or ''}".rstrip()
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _RateLimitedLog:
+    """First error at once, then at most one line per ERROR_LOG_INTERVAL with a count; one line on recovery."""
+
+    def __init__(self, what: str, consequence: str) -> None:
+        self.what = what
+        self.consequence = consequence
+        self.count = 0
+        self.unreported = 0
+        self.last_logged = 0.0
+        self.first = 0.0
+
+    def error(self, message: str) -> None:
+        now = time.monotonic()
+        self.count += 1
+        if self.count == 1:
+            self.first = now
+            self.last_logged = now
+            log.warning("%s: %s; %s", self.what, message, self.consequence)
+            return
+        self.unreported += 1
+        if now - self.last_logged >= ERROR_LOG_INTERVAL:
+            log.warning(
+                "%s: %s; %d error(s) in the last %.0fs (%d since %.0fs ago); %s",
+                self.what,
+                message,
+                self.unreported,
+                now - self.last_logged,
+                self.count,
+                now - self.first,
+                self.consequence,
+            )
+            self.last_logged = now
+            self.unreported = 0
+
+    def recovered(self) -> None:
+        if self.count:
+            log.info(
+                "%s: working again after %d error(s) in %.0fs", self.what, self.count, time.monotonic() - self.first
+            )
+        self.count = 0
+        self.unreported = 0
+
+
+class _Backoff:
+    """Capped exponential backoff with jitter (half the delay fixed, half random)."""
+
+    def __init__(self, initial: float, cap: float) -> None:
+        self.initial = initial
+        self.cap = cap
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        delay = min(self.cap, self.initial * float(2**self.attempt))
+        self.attempt = min(self.attempt + 1, 62)
+        return delay / 2 + random.uniform(0, delay / 2)
+
+    async def sleep(self) -> None:
+        await asyncio.sleep(self.next_delay())
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+@dataclass
+class _Watched:
+    """One object followed by list + watch."""
+
+    kind: str  # "Service" or "Secret"
+    name: str
+    apply: Callable[[dict[str, Any] | None], Awaitable[None]]
+    errors: _RateLimitedLog
+    resource_version: str | None = None
+    missing_logged: bool = False
+
+    @property
+    def method(self) -> str:
+        return f"list_namespaced_{self.kind.lower()}"
+
+
+class Discovery:
+    """Follows the receiver Service and the client-certificate Secret; reports changes through callbacks.
+
+    ``on_target(Target)`` when the destination is first known or changes; ``on_target(None)`` when the
+    Service is deleted. ``on_secret()`` after new Secret material was written to ``settings.tls_dir``.
+    Callbacks run in the event loop and must not block.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        on_target: Callable[[Target | None], None],
+        on_secret: Callable[[], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self._on_target = on_target
+        self._on_secret = on_secret
+        self._target: Target | None = None
+        self._secret_ready = False
+        self._ready = asyncio.Event()
+        self._warned: set[str] = set()
+        self._config_errors = _RateLimitedLog(
+            "Kubernetes configuration", "keeping the last destination and certificates, retrying"
+        )
+        ns = settings.namespace
+        self._service = _Watched(
+            kind="Service",
+            name=settings.service_name,
+            apply=self._apply_service,
+            errors=_RateLimitedLog(
+                f"watching Service {ns}/{settings.service_name}", "keeping the last destination, retrying"
+            ),
+        )
+        self._secret: _Watched | None = None
+        if settings.secret_name:
+            self._secret = _Watched(
+                kind="Secret",
+                name=settings.secret_name,
+                apply=self._apply_secret,
+                errors=_RateLimitedLog(
+                    f"watching Secret {ns}/{settings.secret_name}", "keeping the last certificates, retrying"
+                ),
+            )
+
+    # --- public API ----------------------------------------------------------------------------------------
+    @property
+    def target(self) -> Target | None:
+        return self._target
+
+    @property
+    def secret_ready(self) -> bool:
+        """The CA, certificate and key from the Secret are in their files (written or already identical)."""
+        return self._secret_ready
+
+    async def wait_ready(self, timeout: float | None = None) -> bool:
+        """Wait until the target is known and (when a Secret is configured) its files are written."""
+        if self._ready.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def run(self) -> None:
+        """Follow the Service and the Secret until cancelled. API and configuration trouble never escapes."""
+        backoff = _Backoff(self.settings.backoff_initial, self.settings.backoff_max)
+        while True:
+            paths = self._config_paths()
+            fingerprint = _fingerprint(paths)
+            try:
+                api = await self._make_client()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._config_errors.error(_describe_config_error(exc))
+                await self._wait_config_change(paths, fingerprint, backoff.next_delay())
+                continue
+            self._config_errors.recovered()
+            backoff.reset()
+            try:
+                await self._follow_all(api, paths, fingerprint)
+            except* _ConfigChanged:
+                log.info("Kubernetes configuration %s changed: reconnecting", _show_paths(paths))
+            except* Exception as group:
+                # A bug, not API trouble (that is handled per watch): say so loudly, start over after a pause.
+                log.error("discovery failed: %s; starting over", _describe(group.exceptions[0]), exc_info=group)
+                await backoff.sleep()
+            finally:
+                with contextlib.suppress(Exception):
+                    await api.close()
+
+    # --- configuration -------------------------------------------------------------------------------------
+    def _config_paths(self) -> list[str]:
+        if self.settings.kubeconfig is not None:
+            return [str(self.settings.kubeconfig)]
+        env = os.environ.get("KUBECONFIG", "")
+        if env.strip():
+            return [p for p in env.split(os.pathsep) if p]
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            return [INCLUSTER_CA_FILE]
+        return []
+
+    async def _make_client(self) -> Any:
+        from kubernetes_asyncio import client, config
+
+        configuration = client.Configuration()
+        if self.settings.kubeconfig is not None or os.environ.get("KUBECONFIG", "").strip():
+            path = str(self.settings.kubeconfig) if self.settings.kubeconfig else os.environ["KUBECONFIG"]
+            if not any(os.path.isfile(p) for p in path.split(os.pathsep) if p):
+                # Checked here: kubernetes_asyncio would only warn and then fail with "no configuration found".
+                raise _NoConfig(f"cannot load the kubeconfig: {path} does not exist")
+            try:
+                await config.load_kube_config(
+                    config_file=path, client_configuration=configuration, persist_config=False
+                )
+            except Exception as exc:
+                raise _ConfigError(path, exc) from exc
+        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+        else:
+            raise _NoConfig(
+                "no Kubernetes configuration: PYFORWARD_KUBECONFIG is unset and this is not a pod "
+                "(KUBERNETES_SERVICE_HOST is unset); set PYFORWARD_HOST to ship without discovery"
+            )
+        return client.ApiClient(configuration=configuration)
+
+    async def _wait_config_change(self, paths: list[str], fingerprint: object, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(CONFIG_POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
+            if _fingerprint(paths) != fingerprint:
+                return
+
+    async def _watch_config(self, paths: list[str], fingerprint: object) -> None:
+        if not paths:
+            return
+        while True:
+            await asyncio.sleep(CONFIG_POLL_INTERVAL)
+            if _fingerprint(paths) != fingerprint:
+                raise _ConfigChanged()
+
+    async def _follow_all(self, api: Any, paths: list[str], fingerprint: object) -> None:
+        from kubernetes_asyncio import client
+
+        core = client.CoreV1Api(api)
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._follow(core, self._service), name="discovery-service")
+            if self._secret is not None:
+                group.create_task(self._follow(core, self._secret), name="discovery-secret")
+            group.create_task(self._watch_config(paths, fingerprint), name="discovery-config")
+
+    # --- list + watch --------------------------------------------------------------------------------------
+    async def _follow(self, core: Any, watched: _Watched) -> None:
+        """List, then watch from the list's resourceVersion; forever. Only cancellation ends it."""
+        backoff = _Backoff(self.settings.backoff_initial, self.settings.backoff_max)
+        watched.resource_version = None  # a new client (maybe another cluster): start with a list
+        while True:
+            try:
+                if watched.resource_version is None:
+                    found = await self._list(core, watched)
+                    watched.errors.recovered()
+                    if not found:
+                        # A 404 on the list leaves nothing to watch from: look again after a while.
+                        await backoff.sleep()
+                        continue
+                started = time.monotonic()
+                delivered = await self._watch(core, watched)
+                watched.errors.recovered()
+                # The stream ended (server-side timeout): resume from the last resourceVersion, no list.
+                if not delivered and time.monotonic() - started < MIN_HEALTHY_WATCH:
+                    await backoff.sleep()
+                else:
+                    backoff.reset()
+            except asyncio.CancelledError:
+                raise
+            except _Gone:
+                # 410: the resourceVersion is older than the server's watch cache; list again (at once the
+                # first time, with backoff if it keeps happening).
+                log.info(
+                    "%s %s/%s: resourceVersion expired (410 Gone); listing again",
+                    watched.kind,
+                    self.settings.namespace,
+                    watched.name,
+                )
+                watched.resource_version = None
+                if backoff.attempt:
+                    await backoff.sleep()
+                else:
+                    backoff.attempt = 1
+            except Exception as exc:
+                # Unreachable, 5xx, 401/403, a broken stream, a file we could not write: keep what we have.
+                if _status_of(exc) == 410:
+                    watched.resource_version = None
+                    continue
+                watched.errors.error(_describe(exc))
+                watched.resource_version = None  # converge by listing again
+                await backoff.sleep()
+
+    async def _list(self, core: Any, watched: _Watched) -> bool:
+        """List the object by name and apply what was found. False on 404 (nothing to watch from)."""
+        method = getattr(core, watched.method)
+        response = await method(
+            self.settings.namespace,
+            field_selector=f"metadata.name={watched.name}",
+            _preload_content=False,
+            _request_timeout=(self.settings.connect_timeout, LIST_READ_TIMEOUT),
+        )
+        try:
+            if response.status == 404:
+                await self._apply(watched, None)
+                return False
+            if response.status == 410:
+                raise _Gone()
+            if response.status != 200:
+                raise await _status_error(response)
+            body = json.loads(await response.read())
+        finally:
+            response.release()
+        if not isinstance(body, dict):
+            raise ValueError("list answer is not a JSON object")
+        found = None
+        for item in body.get("items") or []:
+            # The field selector should make this the only item; check anyway (some servers ignore it).
+            if isinstance(item, dict) and (item.get("metadata") or {}).get("name") == watched.name:
+                found = item
+        await self._apply(watched, found)
+        watched.resource_version = str((body.get("metadata") or {}).get("resourceVersion") or "")
+        return True
+
+    async def _watch(self, core: Any, watched: _Watched) -> bool:
+        """One watch request from watched.resource_version. Returns whether any event arrived."""
+        timeout = random.randint(*WATCH_TIMEOUT_RANGE)
+        kwargs: dict[str, Any] = {}
+        if watched.resource_version:
+            kwargs["resource_version"] = watched.resource_version
+        method = getattr(core, watched.method)
+        response = await method(
+            self.settings.namespace,
+            field_selector=f"metadata.name={watched.name}",
+            # The literal "true" (what client-go sends); kubernetes_asyncio would send "True".
+            watch="true",
+            allow_watch_bookmarks=True,
+            timeout_seconds=timeout,
+            _preload_content=False,
+            _request_timeout=(self.settings.connect_timeout, timeout + WATCH_READ_SLACK),
+            **kwargs,
+        )
+        delivered = False
+        try:
+            if response.status == 410:
+                raise _Gone()
+            if response.status != 200:
+                raise await _status_error(response)
+            while True:
+                line = await response.content.readline()
+                if not line:
+                    return delivered
+                if not line.strip():
+                    continue
+                delivered = True
+                await self._event(watched, line)
+        finally:
+            response.close()
+
+    async def _event(self, watched: _Watched, line: bytes) -> None:
+        try:
+            event = json.loads(line)
+        except ValueError:
+            # Never quote the line: it could be a Secret.
+            raise ValueError(f"unparsable watch event ({len(line)} bytes)") from None
+        if not isinstance(event, dict):
+            raise ValueError("watch event is not a JSON object")
+        kind = event.get("type")
+        obj = event.get("object")
+        if not isinstance(obj, dict):
+            raise ValueError(f"watch event {kind!r} without an object")
+        if kind == "ERROR":
+            code = obj.get("code")
+            if code == 410:
+                raise _Gone()
+            raise _APIStatus(int(code) if isinstance(code, int) else 500, _status_reason(obj))
+        meta = obj.get("metadata") or {}
+        version = meta.get("resourceVersion")
+        if kind == "BOOKMARK":
+            if version:
+                watched.resource_version = str(version)
+            return
+        if kind not in ("ADDED", "MODIFIED", "DELETED"):
+            log.debug("ignoring watch event of type %r", kind)
+            return
+        if meta.get("name") != watched.name:
+            return  # the field selector should have filtered it; some servers do not
+        await self._apply(watched, None if kind == "DELETED" else obj)
+        if version:
+            watched.resource_version = str(version)
+
+    async def _apply(self, watched: _Watched, obj: dict[str, Any] | None) -> None:
+        if obj is not None:
+            watched.missing_logged = False
+        await watched.apply(obj)
+
+    # --- the Service ---------------------------------------------------------------------------------------
+    async def _apply_service(self, obj: dict[str, Any] | None) -> None:
+        where = f"Service {self.settings.namespace}/{self.settings.service_name}"
+        if obj is None:
+            if self._target is not None:
+                log.warning("%s was deleted: shipping paused (the backlog stays in the log file)", where)
+            elif not self._service.missing_logged:
+                log.warning("waiting for %s (the receiver to ship to)", where)
+            self._service.missing_logged = True
+            self._set_target(None)
+            return
+        spec = obj.get("spec") or {}
+        cluster_ip = spec.get("clusterIP")
+        if not isinstance(cluster_ip, str) or not cluster_ip or cluster_ip == "None":
+            self._warn_once(
+                f"noip:{cluster_ip}",
+                f"{where} has no ClusterIP (type {spec.get('type') or 'ClusterIP'}, clusterIP {cluster_ip!r}): "
+                "cannot ship to it; waiting for a change",
+            )
+            self._set_target(None)
+            return
+        port = self._pick_port(where, spec.get("ports") or [])
+        if port is None:
+            self._set_target(None)
+            return
+        self._set_target(Target(cluster_ip, port))
+
+    def _pick_port(self, where: str, ports: list[Any]) -> int | None:
+        ports = [p for p in ports if isinstance(p, dict) and isinstance(p.get("port"), int)]
+        if not ports:
+            self._warn_once("noports", f"{where} has no ports: cannot ship to it; waiting for a change")
+            return None
+        wanted = self.settings.service_port_name
+        chosen: dict[str, Any] | None = None
+        if wanted:
+            chosen = next((p for p in ports if p.get("name") == wanted), None)
+            if chosen is None:
+                chosen = ports[0]
+                self._warn_once(
+                    f"portname:{wanted}",
+                    f"{where} has no port named {wanted!r} (ports: {_port_names(ports)}); "
+                    f"using the first, {chosen.get('name') or 'unnamed'} ({chosen['port']})",
+                )
+        else:
+            chosen = ports[0]
+            if len(ports) > 1:
+                self._warn_once(
+                    "severalports",
+                    f"{where} has several ports ({_port_names(ports)}) and PYFORWARD_SERVICE_PORT_NAME is unset; "
+                    f"using the first, {chosen.get('name') or 'unnamed'} ({chosen['port']})",
+                )
+        port = chosen["port"]
+        assert isinstance(port, int)
+        if not 1 <= port <= 65535:
+            self._warn_once(f"badport:{port}", f"{where} has an invalid port {port}: cannot ship to it")
+            return None
+        return port
+
+    def _set_target(self, target: Target | None) -> None:
+        if target == self._target:
+            return
+        previous = self._target
+        self._target = target
+        if target is not None:
+            log.info(
+                "destination: Service %s/%s at %s%s",
+                self.settings.namespace,
+                self.settings.service_name,
+                target,
+                f" (was {previous})" if previous else "",
+            )
+        self._update_ready()
+        try:
+            self._on_target(target)
+        except Exception:
+            log.exception("on_target callback failed for %s", target)
+
+    # --- the Secret ----------------------------------------------------------------------------------------
+    async def _apply_secret(self, obj: dict[str, Any] | None) -> None:
+        assert self._secret is not None
+        where = f"Secret {self.settings.namespace}/{self.settings.secret_name}"
+        if obj is None:
+            if not self._secret.missing_logged:
+                if self._secret_ready:
+                    log.warning("%s is gone: keeping the certificates in %s", where, self.settings.tls_dir)
+                else:
+                    log.warning("waiting for %s (TLS requires it)", where)
+            self._secret.missing_logged = True
+            return
+        data = obj.get("data") or {}
+        # Written in this order: CA first (a new server certificate may need it), then key and certificate.
+        keys = (self.settings.secret_ca_key, self.settings.secret_key_key, self.settings.secret_cert_key)
+        missing = [k for k in keys if not (isinstance(data, dict) and data.get(k))]
+        if missing:
+            present = sorted(data) if isinstance(data, dict) else []
+            self._warn_once(
+                f"secretkeys:{','.join(missing)}:{','.join(present)}",
+                f"{where} lacks key(s) {', '.join(missing)} (it has: {', '.join(present) or 'none'}); "
+                "set PYFORWARD_SECRET_CA_KEY/_CERT_KEY/_KEY_KEY to its key names; keeping the current files",
+            )
+            return
+        decoded: dict[str, bytes] = {}
+        for key in keys:
+            try:
+                decoded[key] = base64.b64decode(data[key], validate=True)
+            except (binascii.Error, ValueError, TypeError):
+                # Never show the value.
+                self._warn_once(f"b64:{key}", f"{where} key {key} is not valid base64; keeping the current files")
+                return
+        changed = await asyncio.to_thread(_write_files, self.settings.tls_dir, decoded)
+        if changed:
+            log.info("wrote %s from %s into %s", ", ".join(changed), where, self.settings.tls_dir)
+        first = not self._secret_ready
+        self._secret_ready = True
+        self._update_ready()
+        if first and not changed:
+            log.info("the files in %s already hold %s", self.settings.tls_dir, where)
+        if changed and self._on_secret is not None:
+            try:
+                self._on_secret()
+            except Exception:
+                log.exception("on_secret callback failed")
+
+    # --- helpers -------------------------------------------------------------------------------------------
+    def _update_ready(self) -> None:
+        ready = self._target is not None and (self._secret is None or self._secret_ready)
+        if ready:
+            self._ready.set()
+        else:
+            self._ready.clear()
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("%s", message)
+
+
+class _NoConfig(Exception):
+    """No usable configuration: no kubeconfig file, and not in a pod."""
+
+
+class _ConfigError(Exception):
+    """The kubeconfig could not be loaded."""
+
+    def __init__(self, path: str, cause: Exception) -> None:
+        super().__init__(path)
+        self.path = path
+        self.cause = cause
+
+
+def _describe_config_error(exc: BaseException) -> str:
+    if isinstance(exc, _NoConfig):
+        return str(exc)
+    if isinstance(exc, _ConfigError):
+        return f"cannot load the kubeconfig {exc.path}: {_describe_config_cause(exc.cause)}"
+    return f"cannot load the in-cluster configuration: {_describe_config_cause(exc)}"
+
+
+def _describe_config_cause(exc: BaseException) -> str:
+    if type(exc).__module__.startswith("yaml"):
+        # str() of a YAML error quotes the file around the problem: that can be a token or a key.
+        mark = getattr(exc, "problem_mark", None)
+        line, column = getattr(mark, "line", None), getattr(mark, "column", None)
+        where = f" at line {line + 1}, column {column + 1}" if isinstance(line, int) and isinstance(column, int) else ""
+        return f"invalid YAML{where}: {getattr(exc, 'problem', None) or type(exc).__name__}"
+    if isinstance(exc, FileNotFoundError):
+        return f"{exc.filename or 'a file'} does not exist"
+    return _describe(exc)
+
+
+def _fingerprint(paths: list[str]) -> tuple[tuple[str, int, int, int, int] | tuple[str], ...]:
+    out: list[tuple[str, int, int, int, int] | tuple[str]] = []
+    for path in paths:
+        try:
+            st = os.stat(path)  # follows symlinks: a Secret/ConfigMap mount swaps ..data atomically
+        except OSError:
+            out.append((path,))
+        else:
+            out.append((path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(out)
+
+
+def _show_paths(paths: list[str]) -> str:
+    return ", ".join(paths) if paths else "(in-cluster)"
+
+
+def _port_names(ports: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{p.get('name') or 'unnamed'}={p.get('port')}" for p in ports)
+
+
+def _status_reason(status: dict[str, Any]) -> str:
+    reason = str(status.get("reason") or "")
+    message = str(status.get("message") or "")
+    text = f"{reason}: {message}" if reason and message else reason or message
+    return text.splitlines()[0][:200] if text else ""
+
+
+async def _status_error(response: Any) -> _APIStatus:
+    """The API's Status object from a failed response, reduced to one line (reason and message only)."""
+    reason = str(getattr(response, "reason", "") or "")
+    try:
+        body = json.loads(await response.content.read(64 * 1024))
+        if isinstance(body, dict) and body.get("kind") == "Status":
+            reason = _status_reason(body) or reason
+    except Exception:
+        pass
+    return _APIStatus(int(response.status), reason)
+
+
+def _write_files(directory: Path, files: dict[str, bytes]) -> list[str]:
+    """Write each changed file atomically (temp file in the directory, 0600, fsync, rename), in the order
+    given. Returns the names written. Each file is replaced atomically, the three together are not: the TLS
+    layer (certs.py) checks that key and certificate belong together before it uses them, and keeps the
+    last good context until they do."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    written: list[str] = []
+    for name, content in files.items():
+        if "/" in name or name in ("", ".", ".."):
+            raise ValueError(f"Secret key {name!r} is not a usable file name")
+        path = directory / name
+        try:
+            same = path.read_bytes() == content and (path.stat().st_mode & 0o777) == 0o600
+        except OSError:
+            same = False
+        if same:
+            continue
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+        try:
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(content)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        written.append(name)
+    if written:
+        # The renames are durable only once the directory is synced.
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return written

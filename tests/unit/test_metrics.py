@@ -1,0 +1,273 @@
+"""Metrics, /healthz and /readyz over real HTTP on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import socket
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pyforward import __version__
+from pyforward.metrics import (
+    ACK_LATENCY_BUCKETS,
+    HealthState,
+    Metrics,
+    Server,
+    heartbeat,
+    parse_bind,
+    start_server,
+)
+
+
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str, dict[str, str]]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            raw = response.read()
+            if response.headers.get("Content-Encoding") == "gzip":
+                raw = gzip.decompress(raw)
+            return response.status, raw.decode(), dict(response.headers)
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode(), dict(error.headers)
+
+
+def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return out
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return Metrics()
+
+
+@pytest.fixture
+def health() -> HealthState:
+    return HealthState(ready_max_backlog_bytes=1000)
+
+
+@pytest.fixture
+def server(metrics: Metrics, health: HealthState) -> Iterator[Server]:
+    srv = start_server("127.0.0.1:0", metrics, health, loop_stall_seconds=5.0)
+    yield srv
+    srv.close()
+
+
+COUNTERS = (
+    "lines_read",
+    "read_bytes",
+    "records_sent",
+    "records_acked",
+    "chunks_sent",
+    "chunks_acked",
+    "chunks_retried",
+    "reconnects",
+    "truncated_lines",
+    "truncation_lost_bytes",
+    "destination_changes",
+    "rotations",
+)
+
+
+def test_scrape_names_and_values(metrics: Metrics, server: Server) -> None:
+    for i, name in enumerate(COUNTERS, start=1):
+        getattr(metrics, name).inc(i)
+    metrics.parse_errors.labels(kind="json").inc(3)
+    metrics.checkpoint_writes.labels(result="ok").inc(7)
+    metrics.ack_latency.observe(0.002)
+    metrics.ack_latency.observe(45.0)
+    metrics.backlog_bytes.set(12345)
+    metrics.backlog_seconds.set(1.5)
+    metrics.inflight_bytes.set(4096)
+    metrics.connected.set(1)
+    metrics.certificate_expiry_seconds.labels(cert="receiver").set(86400)
+    metrics.last_ack_timestamp_seconds.set(1_700_000_000)
+
+    status, text, headers = get(f"{server.url}/metrics")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/plain")
+    values = samples(text)
+    for i, name in enumerate(COUNTERS, start=1):
+        assert values[(f"pyforward_{name}_total", ())] == i, name
+    assert values[("pyforward_parse_errors_total", (("kind", "json"),))] == 3
+    assert values[("pyforward_checkpoint_writes_total", (("result", "ok"),))] == 7
+    assert values[("pyforward_ack_latency_seconds_count", ())] == 2
+    assert values[("pyforward_ack_latency_seconds_bucket", (("le", "0.0025"),))] == 1
+    assert values[("pyforward_ack_latency_seconds_bucket", (("le", "60.0"),))] == 2
+    assert values[("pyforward_backlog_bytes", ())] == 12345
+    assert values[("pyforward_backlog_seconds", ())] == 1.5
+    assert values[("pyforward_inflight_bytes", ())] == 4096
+    assert values[("pyforward_connected", ())] == 1
+    assert values[("pyforward_certificate_expiry_seconds", (("cert", "receiver"),))] == 86400
+    assert values[("pyforward_last_ack_timestamp_seconds", ())] == 1_700_000_000
+    assert values[("pyforward_build_info", (("version", __version__),))] == 1
+
+
+def test_known_labels_start_at_zero_and_expiry_stays_unset(metrics: Metrics, server: Server) -> None:
+    values = samples(get(f"{server.url}/metrics")[1])
+    for kind in ("json", "not_object", "invalid_utf8", "bad_time"):
+        assert values[("pyforward_parse_errors_total", (("kind", kind),))] == 0
+    for result in ("ok", "error"):
+        assert values[("pyforward_checkpoint_writes_total", (("result", result),))] == 0
+    # A certificate expiry of 0 would read as "expired": no sample until a certificate is loaded.
+    assert not [key for key in values if key[0] == "pyforward_certificate_expiry_seconds"]
+
+
+def test_histogram_buckets_span_1ms_to_60s() -> None:
+    assert ACK_LATENCY_BUCKETS[0] == 0.001
+    assert ACK_LATENCY_BUCKETS[-1] == 60.0
+    assert list(ACK_LATENCY_BUCKETS) == sorted(ACK_LATENCY_BUCKETS)
+
+
+def test_instances_have_separate_registries() -> None:
+    first, second = Metrics(), Metrics()
+    first.lines_read.inc(5)
+    assert first.registry.get_sample_value("pyforward_lines_read_total") == 5
+    assert second.registry.get_sample_value("pyforward_lines_read_total") == 0
+
+
+def test_openmetrics_and_gzip_negotiation(metrics: Metrics, server: Server) -> None:
+    metrics.lines_read.inc()
+    status, text, headers = get(
+        f"{server.url}/metrics",
+        {"Accept": "application/openmetrics-text; version=1.0.0", "Accept-Encoding": "gzip"},
+    )
+    assert status == 200
+    assert headers["Content-Type"].startswith("application/openmetrics-text")
+    assert headers.get("Content-Encoding") == "gzip"
+    assert text.rstrip().endswith("# EOF")
+    assert "pyforward_lines_read_total 1.0" in text
+
+
+def test_healthz_ok_then_stale(health: HealthState, server: Server) -> None:
+    health.loop_heartbeat = time.monotonic()
+    assert get(f"{server.url}/healthz")[:2] == (200, "ok\n")
+    health.loop_heartbeat = time.monotonic() - 12.0
+    status, text, _ = get(f"{server.url}/healthz")
+    assert status == 503
+    assert "event loop stalled" in text
+    stale = float(text.split("no heartbeat for ")[1].split(" s")[0])
+    assert 12.0 <= stale < 60.0
+    health.loop_heartbeat = time.monotonic()
+    assert get(f"{server.url}/healthz")[0] == 200
+
+
+def test_healthz_honours_the_stall_limit(metrics: Metrics, health: HealthState) -> None:
+    srv = start_server("127.0.0.1:0", metrics, health, loop_stall_seconds=60.0)
+    try:
+        health.loop_heartbeat = time.monotonic() - 30.0
+        assert get(f"{srv.url}/healthz")[0] == 200
+        health.loop_heartbeat = time.monotonic() - 61.0
+        assert get(f"{srv.url}/healthz")[0] == 503
+    finally:
+        srv.close()
+
+
+async def test_healthz_sees_a_blocked_loop_and_the_heartbeat_task_recovers_it(
+    health: HealthState, server: Server
+) -> None:
+    task = asyncio.create_task(heartbeat(health))
+    try:
+        # The loop is blocked for as long as this synchronous code runs: the heartbeat task cannot refresh the
+        # value, and the HTTP thread must still answer.
+        health.loop_heartbeat = time.monotonic() - 10.0
+        status, text, _ = get(f"{server.url}/healthz")
+        assert status == 503
+        assert "stalled" in text
+        # Let the loop run: the heartbeat task refreshes the value.
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() - health.loop_heartbeat > 1.0:
+            assert time.monotonic() < deadline, "heartbeat task did not refresh loop_heartbeat"
+            await asyncio.sleep(0.01)
+        status, _, _ = await asyncio.to_thread(get, f"{server.url}/healthz")
+        assert status == 200
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+
+@pytest.mark.parametrize(
+    ("connected", "backlog", "expected", "words"),
+    [
+        (True, 0, 200, "connected"),
+        (True, 10_000, 200, "connected"),  # connected: a large backlog is being worked off
+        (False, 999, 200, "below"),
+        (False, 1000, 503, "not connected"),
+        (False, 50_000, 503, "PYFORWARD_READY_MAX_BACKLOG_BYTES"),
+    ],
+)
+def test_readyz(health: HealthState, server: Server, connected: bool, backlog: int, expected: int, words: str) -> None:
+    health.connected = connected
+    health.backlog_bytes = backlog
+    status, text, _ = get(f"{server.url}/readyz")
+    assert status == expected
+    assert words in text
+
+
+def test_unknown_path_is_404(server: Server) -> None:
+    assert get(f"{server.url}/nope")[0] == 404
+
+
+def test_busy_port_is_a_clear_error(metrics: Metrics, health: HealthState) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
+            start_server(f"127.0.0.1:{port}", metrics, health)
+
+
+def test_close_releases_the_port(metrics: Metrics, health: HealthState) -> None:
+    srv = start_server("127.0.0.1:0", metrics, health)
+    port = srv.port
+    assert get(f"{srv.url}/healthz")[0] == 200
+    srv.close()
+    srv.close()  # idempotent
+    again = start_server(f"127.0.0.1:{port}", metrics, health)
+    try:
+        assert again.port == port
+    finally:
+        again.close()
+
+
+def test_ipv6_loopback(metrics: Metrics, health: HealthState) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 on this host")
+    try:
+        srv = start_server("[::1]:0", metrics, health)
+    except OSError as exc:
+        pytest.skip(f"cannot bind ::1: {exc}")
+    try:
+        assert srv.url.startswith("http://[::1]:")
+        assert get(f"{srv.url}/healthz")[0] == 200
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize(
+    ("bind", "expected"),
+    [
+        ("127.0.0.1:9090", ("127.0.0.1", 9090)),
+        (":9090", ("0.0.0.0", 9090)),
+        ("[::]:0", ("::", 0)),
+        ("localhost:8080", ("localhost", 8080)),
+    ],
+)
+def test_parse_bind(bind: str, expected: tuple[str, int]) -> None:
+    assert parse_bind(bind) == expected
+
+
+@pytest.mark.parametrize("bind", ["9090", "host:", "host:http", "host:70000"])
+def test_parse_bind_rejects(bind: str) -> None:
+    with pytest.raises(ValueError, match="PYFORWARD_METRICS_BIND"):
+        parse_bind(bind)
