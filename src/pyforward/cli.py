@@ -78,8 +78,9 @@ def add_settings_arguments(
         help_text = f"{info.description} [env {env_name(name)}; default: {_default_text(name)}]".replace("%", "%%")
         flags = [flag_name(name), *aliases.get(name, ())]
         if annotation is bool:
-            group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                               help=help_text)
+            group.add_argument(
+                *flags, dest=name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text
+            )
             continue
         kwargs: dict[str, Any] = {}
         if get_origin(annotation) is Literal:
@@ -154,8 +155,8 @@ async def _run(settings: Settings) -> int:
 
         metrics = Metrics()
         health = HealthState(ready_max_backlog_bytes=settings.ready_max_backlog_bytes)
-    pipeline = Pipeline(settings, metrics=metrics, health=health)
     try:
+        pipeline = Pipeline(settings, metrics=metrics, health=health)
         start = pipeline.check_startup()
     except StartupError as exc:
         log.error("%s", exc)
@@ -183,15 +184,47 @@ async def _run(settings: Settings) -> int:
 
 # --- send --------------------------------------------------------------------------------------------------
 SEND_SETTINGS = (
-    "host", "port", "tls", "tls_ca_file", "tls_cert_file", "tls_key_file", "tls_server_name", "shared_key",
-    "username", "password", "self_hostname", "tag", "time_key", "window", "chunk_max_bytes", "chunk_max_records",
-    "compress_level", "ack_timeout", "connect_timeout", "max_line_bytes", "proxy_uds", "proxy_host", "proxy_port",
-    "proxy_tls", "proxy_ca_file", "proxy_cert_file", "proxy_key_file", "proxy_server_name", "proxy_username",
-    "proxy_password", "log_level", "log_format",
+    "host",
+    "port",
+    "tls",
+    "tls_ca_file",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_server_name",
+    "shared_key",
+    "username",
+    "password",
+    "self_hostname",
+    "tag",
+    "time_key",
+    "window",
+    "chunk_max_bytes",
+    "chunk_max_records",
+    "compress_level",
+    "ack_timeout",
+    "connect_timeout",
+    "max_line_bytes",
+    "proxy_uds",
+    "proxy_host",
+    "proxy_port",
+    "proxy_tls",
+    "proxy_ca_file",
+    "proxy_cert_file",
+    "proxy_key_file",
+    "proxy_server_name",
+    "proxy_username",
+    "proxy_password",
+    "log_level",
+    "log_format",
 )
-SEND_ALIASES = {"tls_ca_file": ["--tls-ca"], "tls_cert_file": ["--tls-cert"], "tls_key_file": ["--tls-key"],
-                "proxy_ca_file": ["--proxy-ca"], "proxy_cert_file": ["--proxy-cert"],
-                "proxy_key_file": ["--proxy-key"]}
+SEND_ALIASES = {
+    "tls_ca_file": ["--tls-ca"],
+    "tls_cert_file": ["--tls-cert"],
+    "tls_key_file": ["--tls-key"],
+    "proxy_ca_file": ["--proxy-ca"],
+    "proxy_cert_file": ["--proxy-cert"],
+    "proxy_key_file": ["--proxy-key"],
+}
 
 
 def cmd_send(ns: argparse.Namespace) -> int:
@@ -202,8 +235,10 @@ def cmd_send(ns: argparse.Namespace) -> int:
             print("pyforward send: --host is required (or PYFORWARD_HOST)", file=sys.stderr)
             return EXIT_USAGE
     # `send` is a debugging tool: plain TCP and no compression unless asked (--tls, --gzip).
-    settings = _load(ns, {"tls": False, "compress": "gzip" if ns.gzip else "none", "log_format": "text",
-                          "max_inflight_bytes": 64 << 20})
+    settings = _load(
+        ns,
+        {"tls": False, "compress": "gzip" if ns.gzip else "none", "log_format": "text", "max_inflight_bytes": 64 << 20},
+    )
     _setup_logging(settings)
     from pyforward.send import send_file
 
@@ -228,8 +263,13 @@ def cmd_config(ns: argparse.Namespace) -> int:
     origin = sources(settings, overrides)
     report = read_legacy_env(os.environ)
     if ns.json:
-        print(json.dumps({"settings": values, "sources": origin, "conflicts": report.conflicts,
-                          "ignored": report.ignored}, indent=2, default=str))
+        print(
+            json.dumps(
+                {"settings": values, "sources": origin, "conflicts": report.conflicts, "ignored": report.ignored},
+                indent=2,
+                default=str,
+            )
+        )
         return 0
     width = max(len(env_name(n)) for n in values)
     for name, value in values.items():
@@ -266,52 +306,73 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    run = sub.add_parser("run", help="tail the audit log and ship it (the sidecar's main job)",
-                         description="Tail the rotated audit log and ship every line; the checkpoint moves only "
-                         "on ack. Every flag is also a PYFORWARD_ env var; audit-forwarder's AUDIT_* names work.")
+    run = sub.add_parser(
+        "run",
+        help="tail the audit log and ship it (the sidecar's main job)",
+        description="Tail the rotated audit log and ship every line; the checkpoint moves only "
+        "on ack. Every flag is also a PYFORWARD_ env var; audit-forwarder's AUDIT_* names work.",
+    )
     add_settings_arguments(run)
     run.set_defaults(func=cmd_run)
 
-    send = sub.add_parser("send", help="send JSON lines from a file (or -) and wait for every ack",
-                          description="Send JSON lines, one record each, in acked chunks. Exit 0 only when every "
-                          "line was acked.")
+    send = sub.add_parser(
+        "send",
+        help="send JSON lines from a file (or -) and wait for every ack",
+        description="Send JSON lines, one record each, in acked chunks. Exit 0 only when every line was acked.",
+    )
     send.add_argument("file", metavar="FILE|-", help="JSON lines to send; - for standard input")
     send.add_argument("--gzip", action="store_true", help="CompressedPackedForward (gzip)")
-    send.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
-                      help="give up when not everything is acked by then (default: 60)")
+    send.add_argument(
+        "--timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="give up when not everything is acked by then (default: 60)",
+    )
     send.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
     add_settings_arguments(send, SEND_SETTINGS, SEND_ALIASES)
     send.set_defaults(func=cmd_send)
 
-    receive = sub.add_parser("receive", help="a Forward receiver that prints one JSON line per record",
-                             description="A Forward receiver (TCP, TLS, mTLS, shared key) that writes one JSON "
-                             "line per record and acks only after writing.")
+    receive = sub.add_parser(
+        "receive",
+        help="a Forward receiver that prints one JSON line per record",
+        description="A Forward receiver (TCP, TLS, mTLS, shared key) that writes one JSON "
+        "line per record and acks only after writing.",
+    )
     from pyforward.receiver import configure_parser
 
     configure_parser(receive)
     receive.set_defaults(func=cmd_receive)
 
-    check = sub.add_parser("check", help="walk the path to the receiver step by step and explain failures",
-                           description="Reads the same settings as `run` and checks proxy connect, proxy TLS, "
-                           "CONNECT, receiver TLS, Forward handshake and (with --probe) one acked event.")
+    check = sub.add_parser(
+        "check",
+        help="walk the path to the receiver step by step and explain failures",
+        description="Reads the same settings as `run` and checks proxy connect, proxy TLS, "
+        "CONNECT, receiver TLS, Forward handshake and (with --probe) one acked event.",
+    )
     check.add_argument("--probe", action="store_true", help="also send one probe event and wait for its ack")
     add_settings_arguments(check)
     check.set_defaults(func=cmd_check)
 
-    config = sub.add_parser("config", help="print the effective settings and where each came from",
-                            description="Effective settings (secrets redacted) and their source: flag, "
-                            "PYFORWARD_ env, audit-forwarder's AUDIT_ env, or default.")
+    config = sub.add_parser(
+        "config",
+        help="print the effective settings and where each came from",
+        description="Effective settings (secrets redacted) and their source: flag, "
+        "PYFORWARD_ env, audit-forwarder's AUDIT_ env, or default.",
+    )
     config.add_argument("--json", action="store_true", help="JSON output")
     add_settings_arguments(config)
     config.set_defaults(func=cmd_config)
 
-    demo = sub.add_parser("demo", help="ship a generated, rotating audit log to an embedded receiver and verify",
-                          description="Writes a realistic rotating audit log while `pyforward run` ships it over "
-                          "mTLS with gzip and acks to an embedded `pyforward receive`, then checks that every "
-                          "event arrived exactly once.")
+    demo = sub.add_parser(
+        "demo",
+        help="ship a generated, rotating audit log to an embedded receiver and verify",
+        description="Writes a realistic rotating audit log while `pyforward run` ships it over "
+        "mTLS with gzip and acks to an embedded `pyforward receive`, then checks that every "
+        "event arrived exactly once.",
+    )
     demo.add_argument("--events", type=int, default=50_000, help="events to write (default: 50000)")
-    demo.add_argument("--rotate-bytes", type=int, default=8 << 20, help="rotate the log at this size "
-                      "(default: 8 MiB)")
+    demo.add_argument("--rotate-bytes", type=int, default=8 << 20, help="rotate the log at this size (default: 8 MiB)")
     demo.add_argument("--keep", type=Path, default=None, help="keep the demo's files in this directory")
     demo.set_defaults(func=cmd_demo)
     return parser

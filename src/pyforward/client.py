@@ -102,6 +102,7 @@ class ForwardClient:
         self._task: asyncio.Task[None] | None = None
         self._conn_task: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
+        self._sent = asyncio.Event()  # set when a chunk goes on the wire: the ack clock starts
 
     # --- public API ----------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -163,6 +164,9 @@ class ForwardClient:
             except (OSError, ProtocolError, TimeoutError, _Reconnect) as exc:
                 self._set_error(_describe(exc))
                 log.warning("connection to the receiver failed: %s; retrying in %.1fs", self.stats.last_error, delay)
+            except Exception as exc:  # never let the sender die: a bug here must not stop shipping
+                self._set_error(f"{type(exc).__name__}: {exc}")
+                log.exception("unexpected error in the connection; retrying in %.1fs", delay)
             finally:
                 self._set_connected(False)
                 self._requeue_inflight()
@@ -198,8 +202,9 @@ class ForwardClient:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(writer.wait_closed(), 1.0)
 
-    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                         decoder: ClientDecoder) -> None:
+    async def _handshake(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, decoder: ClientDecoder
+    ) -> None:
         """HELO -> PING -> PONG (Forward spec v1, "Handshake Messages"). Nothing is sent before it succeeds."""
         assert self.config.shared_key is not None
         helo = await self._next_event(reader, decoder, Helo, "HELO")
@@ -245,27 +250,46 @@ class ForwardClient:
             chunk = self._pending.popleft()
             self._inflight[chunk.chunk_id.encode()] = (chunk, time.monotonic())
             self.stats.chunks_sent += 1
+            self._sent.set()
             writer.write(chunk.payload)
             await writer.drain()
 
     async def _receive_loop(self, reader: asyncio.StreamReader, decoder: ClientDecoder) -> None:
-        while True:
-            timeout = None
-            if self._inflight:
-                oldest_sent = next(iter(self._inflight.values()))[1]
-                timeout = max(0.0, oldest_sent + self.config.ack_timeout - time.monotonic())
-            try:
-                data = await asyncio.wait_for(reader.read(65536), timeout)
-            except TimeoutError:
-                raise _Reconnect(
-                    f"no ack within {self.config.ack_timeout:g}s for {len(self._inflight)} chunk(s) in flight"
-                ) from None
-            if not data:
-                raise _Reconnect("receiver closed the connection")
-            for event in decoder.feed(data):
-                if not isinstance(event, Ack):
-                    raise ProtocolError(f"unexpected {type(event).__name__} from the receiver")
-                self._acked(event.chunk_id)
+        read: asyncio.Task[bytes] | None = None
+        try:
+            while True:
+                if read is None:
+                    read = asyncio.ensure_future(reader.read(65536))
+                if self._inflight:
+                    # Bound the wait for the oldest chunk's ack (fluent-bit has none and stalls on a silent peer).
+                    oldest_sent = next(iter(self._inflight.values()))[1]
+                    timeout = max(0.0, oldest_sent + self.config.ack_timeout - time.monotonic())
+                    done, _ = await asyncio.wait({read}, timeout=timeout)
+                    if not done:
+                        raise _Reconnect(
+                            f"no ack within {self.config.ack_timeout:g}s for {len(self._inflight)} chunk(s) in flight"
+                        )
+                else:
+                    # Nothing awaits an ack: wait for data, or for the sender to put a chunk on the wire.
+                    self._sent.clear()
+                    sent = asyncio.ensure_future(self._sent.wait())
+                    try:
+                        await asyncio.wait({read, sent}, return_when=asyncio.FIRST_COMPLETED)
+                    finally:
+                        sent.cancel()
+                    if not read.done():
+                        continue
+                data = read.result()
+                read = None
+                if not data:
+                    raise _Reconnect("receiver closed the connection")
+                for event in decoder.feed(data):
+                    if not isinstance(event, Ack):
+                        raise ProtocolError(f"unexpected {type(event).__name__} from the receiver")
+                    self._acked(event.chunk_id)
+        finally:
+            if read is not None:
+                read.cancel()
 
     def _acked(self, chunk_id: bytes) -> None:
         entry = self._inflight.pop(chunk_id, None)

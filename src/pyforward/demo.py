@@ -27,9 +27,20 @@ _LISTENING = re.compile(rb"listening on (\S+):(\d+)")
 
 def _start_receiver(workdir: Path, certs_dir: Path, output: Path) -> tuple[subprocess.Popen[bytes], int]:
     cmd = [
-        sys.executable, "-m", "pyforward", "receive", "--bind", "127.0.0.1:0",
-        "--tls-cert", str(certs_dir / "server.crt"), "--tls-key", str(certs_dir / "server.key"),
-        "--tls-ca", str(certs_dir / "ca.crt"), "--output", str(output),
+        sys.executable,
+        "-m",
+        "pyforward",
+        "receive",
+        "--bind",
+        "127.0.0.1:0",
+        "--tls-cert",
+        str(certs_dir / "server.crt"),
+        "--tls-key",
+        str(certs_dir / "server.key"),
+        "--tls-ca",
+        str(certs_dir / "ca.crt"),
+        "--output",
+        str(output),
     ]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, cwd=workdir)
     assert proc.stderr is not None
@@ -66,23 +77,28 @@ def run_demo(*, events: int = 50_000, rotate_bytes: int = 8 << 20, keep: Path | 
         logdir = workdir / "auditlog"
         logdir.mkdir(exist_ok=True)
         output = workdir / "received.jsonl"
-        print(f"demo: writing {events:,} audit events to {logdir}/audit.log, rotating every "
-              f"{rotate_bytes / 1e6:.1f} MB; shipping over mTLS + gzip + acks", flush=True)
+        print(
+            f"demo: writing {events:,} audit events to {logdir}/audit.log, rotating every "
+            f"{rotate_bytes / 1e6:.1f} MB; shipping over mTLS + gzip + acks",
+            flush=True,
+        )
         receiver, port = _start_receiver(workdir, certs.ca.parent, output)
         stack.callback(_stop, receiver)
         env = dict(os.environ)
-        env.update({
-            "PYFORWARD_LOG_PATH": str(logdir / "audit.log"),
-            "PYFORWARD_HOST": "127.0.0.1",
-            "PYFORWARD_PORT": str(port),
-            "PYFORWARD_TLS": "true",
-            "PYFORWARD_TLS_CA_FILE": str(certs.ca),
-            "PYFORWARD_TLS_CERT_FILE": str(certs.client_cert),
-            "PYFORWARD_TLS_KEY_FILE": str(certs.client_key),
-            "PYFORWARD_TLS_SERVER_NAME": "localhost",
-            "PYFORWARD_LOG_FORMAT": "text",
-            "PYFORWARD_LOG_LEVEL": "warning",
-        })
+        env.update(
+            {
+                "PYFORWARD_LOG_PATH": str(logdir / "audit.log"),
+                "PYFORWARD_HOST": "127.0.0.1",
+                "PYFORWARD_PORT": str(port),
+                "PYFORWARD_TLS": "true",
+                "PYFORWARD_TLS_CA_FILE": str(certs.ca),
+                "PYFORWARD_TLS_CERT_FILE": str(certs.client_cert),
+                "PYFORWARD_TLS_KEY_FILE": str(certs.client_key),
+                "PYFORWARD_TLS_SERVER_NAME": "localhost",
+                "PYFORWARD_LOG_FORMAT": "text",
+                "PYFORWARD_LOG_LEVEL": "warning",
+            }
+        )
         started = time.monotonic()
         shipper = subprocess.Popen([sys.executable, "-m", "pyforward", "run"], env=env, cwd=workdir)
         stack.callback(_stop, shipper)
@@ -103,9 +119,11 @@ def run_demo(*, events: int = 50_000, rotate_bytes: int = 8 << 20, keep: Path | 
         expected = {audit_id(line) for line in generate_events(events, seed=42, id_prefix="demo-")}
         lost = len(expected - ids.keys())
         duplicated = sum(n - 1 for n in ids.values() if n > 1)
-        print(f"demo: {events:,} events written in {written:.1f}s with {audit_log.rotations} rotation(s); "
-              f"{len(ids):,} arrived in {elapsed:.1f}s ({len(ids) / elapsed:,.0f} events/s end to end); "
-              f"lost {lost}, duplicated {duplicated}; pyforward run exited {code}")
+        print(
+            f"demo: {events:,} events written in {written:.1f}s with {audit_log.rotations} rotation(s); "
+            f"{len(ids):,} arrived in {elapsed:.1f}s ({len(ids) / elapsed:,.0f} events/s end to end); "
+            f"lost {lost}, duplicated {duplicated}; pyforward run exited {code}"
+        )
         if lost or duplicated or code != 0:
             print("demo: FAILED", file=sys.stderr)
             return 1

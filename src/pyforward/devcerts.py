@@ -27,8 +27,12 @@ class DevCerts:
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pyforward dev"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "pyforward dev"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _san(names: list[str]) -> x509.SubjectAlternativeName:
@@ -42,36 +46,58 @@ def _san(names: list[str]) -> x509.SubjectAlternativeName:
 
 
 def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     path.chmod(0o600)
 
 
-def write_dev_certs(directory: Path, server_names: list[str] | None = None,
-                    client_name: str = "audittailer-client", days: int = 365) -> DevCerts:
+def write_dev_certs(
+    directory: Path, server_names: list[str] | None = None, client_name: str = "audittailer-client", days: int = 365
+) -> DevCerts:
     directory.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name("pyforward dev CA")
     ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
         .not_valid_after(now + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
 
-    def leaf(common_name: str, names: list[str], usage: x509.ObjectIdentifier) -> tuple[x509.Certificate,
-                                                                                          ec.EllipticCurvePrivateKey]:
+    def leaf(
+        common_name: str, names: list[str], usage: x509.ObjectIdentifier
+    ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         key = ec.generate_private_key(ec.SECP256R1())
         cert = (
-            x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=days))
+            x509.CertificateBuilder()
+            .subject_name(_name(common_name))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_san(names), critical=False)
             .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
@@ -83,9 +109,13 @@ def write_dev_certs(directory: Path, server_names: list[str] | None = None,
     names = server_names or ["localhost", "127.0.0.1", "kubernetes-audit-tailer"]
     server, server_key = leaf(names[0], names, ExtendedKeyUsageOID.SERVER_AUTH)
     client, client_key = leaf(client_name, [client_name], ExtendedKeyUsageOID.CLIENT_AUTH)
-    files = DevCerts(ca=directory / "ca.crt", server_cert=directory / "server.crt",
-                     server_key=directory / "server.key", client_cert=directory / "client.crt",
-                     client_key=directory / "client.key")
+    files = DevCerts(
+        ca=directory / "ca.crt",
+        server_cert=directory / "server.crt",
+        server_key=directory / "server.key",
+        client_cert=directory / "client.crt",
+        client_key=directory / "client.key",
+    )
     files.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     files.server_cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
     files.client_cert.write_bytes(client.public_bytes(serialization.Encoding.PEM))

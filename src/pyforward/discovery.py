@@ -129,28 +129,22 @@ class _RateLimitedLog:
         if self.count == 1:
             self.first = now
             self.last_logged = now
-            log.warning("%s: %s; %s", self.what, message, self.consequence)
+            _say(logging.WARNING, f"{self.what}: {message}; {self.consequence}")
             return
         self.unreported += 1
         if now - self.last_logged >= ERROR_LOG_INTERVAL:
-            log.warning(
-                "%s: %s; %d error(s) in the last %.0fs (%d since %.0fs ago); %s",
-                self.what,
-                message,
-                self.unreported,
-                now - self.last_logged,
-                self.count,
-                now - self.first,
-                self.consequence,
+            _say(
+                logging.WARNING,
+                f"{self.what}: {message}; {self.unreported} error(s) in the last {now - self.last_logged:.0f}s "
+                f"({self.count} since {now - self.first:.0f}s ago); {self.consequence}",
             )
             self.last_logged = now
             self.unreported = 0
 
     def recovered(self) -> None:
         if self.count:
-            log.info(
-                "%s: working again after %d error(s) in %.0fs", self.what, self.count, time.monotonic() - self.first
-            )
+            elapsed = time.monotonic() - self.first
+            _say(logging.INFO, f"{self.what}: working again after {self.count} error(s) in {elapsed:.0f}s")
         self.count = 0
         self.unreported = 0
 
@@ -275,7 +269,7 @@ class Discovery:
             try:
                 await self._follow_all(api, paths, fingerprint)
             except* _ConfigChanged:
-                log.info("Kubernetes configuration %s changed: reconnecting", _show_paths(paths))
+                _say(logging.INFO, f"Kubernetes configuration {_show_paths(paths)} changed: reconnecting")
             except* Exception as group:
                 # A bug, not API trouble (that is handled per watch): say so loudly, start over after a pause.
                 log.error("discovery failed: %s; starting over", _describe(group.exceptions[0]), exc_info=group)
@@ -371,12 +365,8 @@ class Discovery:
             except _Gone:
                 # 410: the resourceVersion is older than the server's watch cache; list again (at once the
                 # first time, with backoff if it keeps happening).
-                log.info(
-                    "%s %s/%s: resourceVersion expired (410 Gone); listing again",
-                    watched.kind,
-                    self.settings.namespace,
-                    watched.name,
-                )
+                where = f"{watched.kind} {self.settings.namespace}/{watched.name}"
+                _say(logging.INFO, f"{where}: resourceVersion expired (410 Gone); listing again")
                 watched.resource_version = None
                 if backoff.attempt:
                     await backoff.sleep()
@@ -499,9 +489,9 @@ class Discovery:
         where = f"Service {self.settings.namespace}/{self.settings.service_name}"
         if obj is None:
             if self._target is not None:
-                log.warning("%s was deleted: shipping paused (the backlog stays in the log file)", where)
+                _say(logging.WARNING, f"{where} was deleted: shipping paused (the backlog stays in the log file)")
             elif not self._service.missing_logged:
-                log.warning("waiting for %s (the receiver to ship to)", where)
+                _say(logging.WARNING, f"waiting for {where} (the receiver to ship to)")
             self._service.missing_logged = True
             self._set_target(None)
             return
@@ -558,12 +548,10 @@ class Discovery:
         previous = self._target
         self._target = target
         if target is not None:
-            log.info(
-                "destination: Service %s/%s at %s%s",
-                self.settings.namespace,
-                self.settings.service_name,
-                target,
-                f" (was {previous})" if previous else "",
+            was = f" (was {previous})" if previous else ""
+            _say(
+                logging.INFO,
+                f"destination: Service {self.settings.namespace}/{self.settings.service_name} at {target}{was}",
             )
         self._update_ready()
         try:
@@ -578,9 +566,9 @@ class Discovery:
         if obj is None:
             if not self._secret.missing_logged:
                 if self._secret_ready:
-                    log.warning("%s is gone: keeping the certificates in %s", where, self.settings.tls_dir)
+                    _say(logging.WARNING, f"{where} is gone: keeping the certificates in {self.settings.tls_dir}")
                 else:
-                    log.warning("waiting for %s (TLS requires it)", where)
+                    _say(logging.WARNING, f"waiting for {where} (TLS requires it)")
             self._secret.missing_logged = True
             return
         data = obj.get("data") or {}
@@ -605,12 +593,12 @@ class Discovery:
                 return
         changed = await asyncio.to_thread(_write_files, self.settings.tls_dir, decoded)
         if changed:
-            log.info("wrote %s from %s into %s", ", ".join(changed), where, self.settings.tls_dir)
+            _say(logging.INFO, f"wrote {', '.join(changed)} from {where} into {self.settings.tls_dir}")
         first = not self._secret_ready
         self._secret_ready = True
         self._update_ready()
         if first and not changed:
-            log.info("the files in %s already hold %s", self.settings.tls_dir, where)
+            _say(logging.INFO, f"the files in {self.settings.tls_dir} already hold {where}")
         if changed and self._on_secret is not None:
             try:
                 self._on_secret()
@@ -628,7 +616,13 @@ class Discovery:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            log.warning("%s", message)
+            _say(logging.WARNING, message)
+
+
+def _say(level: int, text: str) -> None:
+    # The text is the message template on purpose: pyforward's log handler holds back repeats of a template
+    # (logs.RateLimitFilter), and two different destinations or Secrets must never count as repeats.
+    log.log(level, text)
 
 
 class _NoConfig(Exception):

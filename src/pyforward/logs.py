@@ -3,8 +3,9 @@
 One handler on the root logger, so that asyncio's and the libraries' messages come out in the same format.
 Two filters run on that handler, in this order:
 
-1. the rate limiter: a message (same logger, level and template) is shown the first time, then at most once per
-   ``rate_limit_seconds`` with "(repeated K times)" counting what was held back. A receiver that is down for an
+1. the rate limiter: a message (same logger, level and template; the same text for a template that is only
+   placeholders, like ``"%s"``) is shown the first time, then at most once per ``rate_limit_seconds`` with
+   "(repeated K times)" counting what was held back. A receiver that is down for an
    hour must not write a line per reconnect attempt into the control plane's logs.
 2. the redactor: every registered secret (shared key, passwords, proxy credentials) is replaced by ``********``
    in the message, its arguments, extra fields and tracebacks, before anything is formatted.
@@ -110,8 +111,8 @@ class RedactFilter(logging.Filter):
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
+            # Formatters use a record's exc_text when it is set: the traceback is formatted once, redacted.
             record.exc_text = _secrets.redact(record.exc_text)
-        record.exc_info = None  # exc_text carries it, redacted
         if record.stack_info:
             record.stack_info = _secrets.redact(record.stack_info)
         for key, value in list(record.__dict__.items()):
@@ -144,7 +145,7 @@ class RateLimitFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if self.interval <= 0 or record.levelno < self.min_level:
             return True
-        key = (record.name, record.levelno, str(record.msg))
+        key = (record.name, record.levelno, _rate_key_text(record))
         now = self.clock()
         with self._lock:
             entry = self._seen.get(key)
@@ -158,6 +159,23 @@ class RateLimitFilter(logging.Filter):
             while len(self._seen) > _RATE_LIMIT_KEYS:
                 self._seen.popitem(last=False)
         return True
+
+
+_PLACEHOLDER = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(?:\*|\d+)?(?:\.(?:\*|\d+))?[hlL]?[diouxXeEfFgGcrsa%]")
+_MIN_TEMPLATE_LETTERS = 6
+
+
+def _rate_key_text(record: logging.LogRecord) -> str:
+    """The template, unless it is (almost) all placeholders: ``log.warning("%s", line)`` carries distinct messages
+    in one template, and holding back the second one because the first had the same "%s" would hide it."""
+    template = str(record.msg)
+    literal = _PLACEHOLDER.sub("", template)
+    if sum(ch.isalpha() for ch in literal) >= _MIN_TEMPLATE_LETTERS:
+        return template
+    try:
+        return record.getMessage()
+    except Exception:  # a bad format string: the template is all there is
+        return template
 
 
 # --- formatting --------------------------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ class Metrics:
         )
         self.truncation_lost_bytes = counter(
             "truncation_lost_bytes",
-            "Bytes lost: the cut-off tails of over-long lines, and bytes lost when a file was truncated in place.",
+            "Bytes of the log that were never read because the file was truncated or rewritten in place.",
         )
         self.parse_errors = counter(
             "parse_errors",
@@ -191,6 +191,9 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    # A client that connects and sends nothing would hold its thread forever: bound every socket read.
+    timeout = 10.0
+
     # wsgiref writes an access line per request to stderr, outside our JSON logs; probes come every few seconds.
     def log_message(self, format: str, *args: Any) -> None:
         pass

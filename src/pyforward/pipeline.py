@@ -85,8 +85,12 @@ def proxy_from(settings: Settings) -> Proxy | None:
     material = None
     if settings.effective_proxy_tls:
         material = TLSMaterial(
-            TLSFiles(ca_file=settings.proxy_ca_file, cert_file=settings.proxy_cert_file,
-                     key_file=settings.proxy_key_file, server_name=settings.proxy_server_name),
+            TLSFiles(
+                ca_file=settings.proxy_ca_file,
+                cert_file=settings.proxy_cert_file,
+                key_file=settings.proxy_key_file,
+                server_name=settings.proxy_server_name,
+            ),
             purpose="client",
             name="proxy",
             expiry_warning=timedelta(days=settings.cert_expiry_warning_days),
@@ -95,6 +99,13 @@ def proxy_from(settings: Settings) -> Proxy | None:
             material.load()
         except CertError as exc:
             raise StartupError(f"proxy TLS: {exc}") from None
+    try:
+        return _proxy(settings, material)
+    except ValueError as exc:
+        raise StartupError(f"proxy settings: {exc}") from None
+
+
+def _proxy(settings: Settings, material: TLSMaterial | None) -> Proxy:
     return Proxy(
         uds=settings.proxy_uds,
         host=settings.proxy_host,
@@ -121,7 +132,9 @@ def client_config(settings: Settings) -> ClientConfig:
 
 
 class Pipeline:
-    def __init__(self, settings: Settings, *, metrics: Metrics | None = None, health: HealthState | None = None) -> None:
+    def __init__(
+        self, settings: Settings, *, metrics: Metrics | None = None, health: HealthState | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
         self.health = health
@@ -135,9 +148,7 @@ class Pipeline:
         self.proxy = proxy_from(settings)
         self.tls = tls_material(settings)
         self.discovery: Discovery | None = None
-        self.target: tuple[str, int] | None = (
-            (settings.host, settings.port) if settings.host else None
-        )
+        self.target: tuple[str, int] | None = (settings.host, settings.port) if settings.host else None
         self.client = ForwardClient(
             self._connect,
             client_config(settings),
@@ -237,10 +248,20 @@ class Pipeline:
         settings = self.settings
         compress = settings.compress == "gzip"
         # gzip releases the GIL: compress in a thread while the loop keeps reading and talking to the receiver.
-        chunk = await asyncio.to_thread(
-            build_chunk, settings.tag, blob, records, size=size, compress=compress,
-            level=settings.compress_level, position=seq,
-        ) if compress else build_chunk(settings.tag, blob, records, size=size, compress=False, position=seq)
+        chunk = (
+            await asyncio.to_thread(
+                build_chunk,
+                settings.tag,
+                blob,
+                records,
+                size=size,
+                compress=compress,
+                level=settings.compress_level,
+                position=seq,
+            )
+            if compress
+            else build_chunk(settings.tag, blob, records, size=size, compress=False, position=seq)
+        )
         self.client.submit(chunk)
         if self.metrics is not None:
             self.metrics.records_sent.inc(records)
@@ -356,7 +377,9 @@ class Pipeline:
         log.info(
             "shipping %s to %s (%s, %s)%s",
             settings.log_path,
-            f"{settings.host}:{settings.port}" if settings.host else f"Service {settings.namespace}/{settings.service_name}",
+            f"{settings.host}:{settings.port}"
+            if settings.host
+            else f"Service {settings.namespace}/{settings.service_name}",
             "tls" if settings.tls else "plain tcp",
             settings.compress,
             f" from {start.path} at offset {start.offset}" if start else f" from the {settings.start_at}",

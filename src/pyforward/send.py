@@ -46,8 +46,9 @@ async def send_file(settings: Settings, path: str, *, timeout: float, progress: 
     except (CertError, StartupError) as exc:
         print(f"pyforward send: {exc}", file=sys.stderr)
         return 2
-    destination = Destination(host=settings.host, port=settings.port, tls=material,
-                              server_name=settings.tls_server_name)
+    destination = Destination(
+        host=settings.host, port=settings.port, tls=material, server_name=settings.tls_server_name
+    )
 
     async def connect() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await open_stream(destination, proxy, timeout=settings.connect_timeout)
@@ -76,7 +77,7 @@ async def send_file(settings: Settings, path: str, *, timeout: float, progress: 
             stream = sys.stdin.buffer
         else:
             try:
-                stream = stack.enter_context(open(path, "rb"))  # noqa: SIM115 - closed by the stack
+                stream = stack.enter_context(open(path, "rb"))
             except OSError as exc:
                 print(f"pyforward send: cannot read {path}: {exc.strerror}", file=sys.stderr)
                 return 2
@@ -85,8 +86,15 @@ async def send_file(settings: Settings, path: str, *, timeout: float, progress: 
 
                 from tqdm import tqdm
 
-                bar = stack.enter_context(tqdm(total=os.fstat(stream.fileno()).st_size, unit="B",
-                                               unit_scale=True, desc="acked", file=sys.stderr))
+                bar = stack.enter_context(
+                    tqdm(
+                        total=os.fstat(stream.fileno()).st_size,
+                        unit="B",
+                        unit_scale=True,
+                        desc="acked",
+                        file=sys.stderr,
+                    )
+                )
         client.start()
         entries: list[bytes] = []
         size = 0
@@ -97,8 +105,9 @@ async def send_file(settings: Settings, path: str, *, timeout: float, progress: 
                 return
             await budget.acquire(size)
             blob = b"".join(entries)
-            chunk = build_chunk(settings.tag, blob, len(entries), size=size, compress=compress,
-                                level=settings.compress_level)
+            chunk = build_chunk(
+                settings.tag, blob, len(entries), size=size, compress=compress, level=settings.compress_level
+            )
             client.submit(chunk)
             chunks += 1
             entries, size = [], 0
@@ -122,12 +131,18 @@ async def send_file(settings: Settings, path: str, *, timeout: float, progress: 
             await client.close()
     elapsed = max(time.monotonic() - started, 1e-9)
     not_json = stats.parse_errors + stats.not_objects
-    note = f"; {not_json} line(s) were not JSON objects and went as {{\"log\": line}}" if not_json else ""
+    note = f'; {not_json} line(s) were not JSON objects and went as {{"log": line}}' if not_json else ""
     if acked_records == records:
-        print(f"pyforward send: {records} record(s) in {chunks} chunk(s) acked by {settings.host}:{settings.port} "
-              f"in {elapsed:.2f}s ({records / elapsed:,.0f}/s){note}", file=sys.stderr)
+        print(
+            f"pyforward send: {records} record(s) in {chunks} chunk(s) acked by {settings.host}:{settings.port} "
+            f"in {elapsed:.2f}s ({records / elapsed:,.0f}/s){note}",
+            file=sys.stderr,
+        )
         return 0
     error = client.stats.last_error or "no ack"
-    print(f"pyforward send: only {acked_records} of {records} record(s) acked within {timeout:g}s "
-          f"(last error: {error}){note}", file=sys.stderr)
+    print(
+        f"pyforward send: only {acked_records} of {records} record(s) acked within {timeout:g}s "
+        f"(last error: {error}){note}",
+        file=sys.stderr,
+    )
     return 1

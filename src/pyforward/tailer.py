@@ -594,11 +594,13 @@ class Tailer:
                 self._buf, self._buf_pos = result.data, 0
                 continue
             elif not src.complete:  # at the end of the live file: is it still the live file?
-                if not await asyncio.to_thread(self._moved_away, src):
+                moved, backup = await asyncio.to_thread(self._moved_away, src)
+                if not moved:
                     return  # caught up
                 src.complete = True
+                src.path = backup or src.path  # for messages and Position.path
                 self.stats.rotations += 1
-                log.info("%s was rotated: reading the old file to its end before the next one", self._path)
+                log.info("%s was rotated: reading %s to its end before the next file", self._path, src.path)
                 continue  # drain: the writer closed it before renaming, so its end is final now
             # a complete file read to its end
             before = len(batch.lines)
@@ -624,7 +626,6 @@ class Tailer:
         try:
             result = await asyncio.shield(fut)
         except asyncio.CancelledError:
-            src.inflight = None
             raise
         except BaseException:
             src.inflight = None
@@ -632,20 +633,26 @@ class Tailer:
         src.inflight = None
         return result
 
-    def _moved_away(self, src: _Source) -> bool:
-        """Does the log path no longer name `src`? (blocking)"""
+    def _moved_away(self, src: _Source) -> tuple[bool, Path | None]:
+        """Does the log path no longer name `src`? And the backup name it has now, if any. Blocking."""
         try:
-            return not src.same_inode(os.stat(self._path))
+            if src.same_inode(os.stat(self._path)):
+                return False, None  # the common case: one stat
+            missing = False
         except (FileNotFoundError, NotADirectoryError):
+            missing = True
+        backup = None
+        for sibling in self._siblings():
+            if not sibling.gz:
+                with contextlib.suppress(OSError):
+                    if src.same_inode(os.stat(sibling.path)):
+                        backup = sibling.path
+        if missing:
             # Between lumberjack's rename and create, or the directory is gone. Rotated only if our inode is
-            # a backup now; otherwise keep it: the writer may still append, and if the directory was deleted
-            # the recreated log will differ from it.
-            for sibling in self._siblings():
-                if not sibling.gz:
-                    with contextlib.suppress(OSError):
-                        if src.same_inode(os.stat(sibling.path)):
-                            return True
-            return False
+            # a backup now; otherwise keep it: the writer may still append (even to a deleted file, which we
+            # can still read), and a recreated log will be a different file.
+            return backup is not None, backup
+        return True, backup
 
     async def _truncated(self, src: _Source, size: int) -> None:
         """The live file shrank below our offset or its first bytes changed."""

@@ -221,6 +221,20 @@ def test_rate_limiter_keys_on_logger_and_level_and_spares_debug() -> None:
     assert len(out.getvalue().splitlines()) == 6
 
 
+def test_rate_limiter_keys_a_bare_placeholder_template_on_the_message() -> None:
+    # log.warning("%s", line) carries distinct messages in one template: each distinct one must be shown.
+    clock = FakeClock()
+    out = io.StringIO()
+    setup_logging("info", "json", stream=out, rate_limit_seconds=30.0, clock=clock)
+    log = logging.getLogger("pyforward")
+    log.warning("%s", "AUDIT_NAMESPACE and PYFORWARD_NAMESPACE are both set")
+    log.warning("%s", "AUDIT_PROXY_HOST and PYFORWARD_PROXY_HOST are both set")
+    log.warning("%s: %s; %s", "watching Secret a/b", "403", "retrying")
+    log.warning("%s: %s; %s", "watching Service a/c", "403", "retrying")
+    log.warning("%s", "AUDIT_NAMESPACE and PYFORWARD_NAMESPACE are both set")  # a true repeat: held back
+    assert len(lines(out)) == 4
+
+
 def test_rate_limit_zero_disables() -> None:
     out = io.StringIO()
     setup_logging("info", "json", stream=out, rate_limit_seconds=0)

@@ -414,7 +414,7 @@ def test_any_bytes_never_raise_and_always_pack(line: bytes) -> None:
         assert record == orjson.loads(line)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     st.recursive(
         st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(),

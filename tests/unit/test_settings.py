@@ -76,12 +76,16 @@ def test_secrets_are_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
     s = load_settings()
     shown = redacted(s)
     assert shown["shared_key"] == "********"
-    assert "s3cr3t-key" not in repr(s) and "s3cr3t-key" not in str(shown)
+    assert "s3cr3t-key" not in repr(s)
+    assert "s3cr3t-key" not in str(shown)
     assert "pr0xy-pass" not in str(shown)
 
 
 def test_every_setting_is_a_run_flag() -> None:
-    help_text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()  # type: ignore[union-attr]
+    import argparse
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    help_text = sub.choices["run"].format_help()
     for name in Settings.model_fields:
         assert "--" + name.replace("_", "-") in help_text
         assert "PYFORWARD_" + name.upper() in help_text
@@ -92,8 +96,14 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("PYFORWARD_", "AUDIT_"))}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "pyforward", *args], capture_output=True, text=True, env=full_env,
-                          timeout=60, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "pyforward", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=60,
+        check=False,
+    )
 
 
 def test_cli_bad_value_exits_2_with_one_line() -> None:

@@ -7,7 +7,6 @@ import gzip
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pyforward.checkpoint import FINGERPRINT_BYTES, Position
+from pyforward.checkpoint import FINGERPRINT_BYTES, Position, load_checkpoint, save_checkpoint
 from pyforward.tailer import LineBatch, Tailer, TailerStats
 
 MiB = 1 << 20
@@ -40,7 +39,7 @@ class Apiserver:
 
     def line(self, n: int, pad: int = 0) -> bytes:
         # Audit events share a long common prefix: exactly what makes short fingerprints ambiguous.
-        body = '{"kind":"Event","apiVersion":"audit.k8s.io/v1","level":"Metadata","auditID":"%08d"' % n
+        body = f'{{"kind":"Event","apiVersion":"audit.k8s.io/v1","level":"Metadata","auditID":"{n:08d}"'
         return (body + ',"pad":"' + "x" * pad + '"}').encode()
 
     def write(self, count: int, pad: int = 40) -> list[bytes]:
@@ -170,12 +169,13 @@ async def test_tiny_budget_still_returns_one_line(api: Apiserver, make_tailer: C
     assert [b.lines for b in got] == [[x] for x in written]
 
 
+@pytest.mark.parametrize("read_size", [256, MiB], ids=["across-reads", "within-a-read"])
 async def test_long_line_is_cut_recorded_and_the_next_line_intact(
-    api: Apiserver, make_tailer: Callable[..., Tailer]
+    api: Apiserver, make_tailer: Callable[..., Tailer], read_size: int
 ) -> None:
     long = b"{" + b"y" * 9_998 + b"}"
     api.append(b"short\n" + long + b"\nnext\n")
-    tailer = make_tailer(api.path, max_line_bytes=100, read_size=256)
+    tailer = make_tailer(api.path, max_line_bytes=100, read_size=read_size)
     await tailer.open()
     batch = await tailer.read_batch(MiB)
     assert batch is not None
@@ -272,9 +272,7 @@ async def test_several_rotations_between_two_reads(api: Apiserver, make_tailer: 
     assert tailer.stats.files_opened == 6
 
 
-async def test_backup_deleted_before_it_was_read_to_the_end(
-    api: Apiserver, make_tailer: Callable[..., Tailer]
-) -> None:
+async def test_backup_deleted_before_it_was_read_to_the_end(api: Apiserver, make_tailer: Callable[..., Tailer]) -> None:
     tailer = make_tailer(api.path, read_size=256)
     await tailer.open()
     written = api.write(50)
@@ -300,14 +298,18 @@ async def test_unterminated_last_line_of_rotated_file_is_returned(
     got = await batches(tailer, MiB)
     assert [b.lines for b in got] == [[b"no newline"], [b"c"]]  # a batch never spans two files
     assert got[0].end.offset == backup.stat().st_size
+    assert got[0].end.path == str(backup)  # the name it has now, for messages and backlog estimates
 
 
 async def test_rename_before_the_new_file_exists(api: Apiserver, make_tailer: Callable[..., Tailer]) -> None:
     tailer = make_tailer(api.path)
     await tailer.open()
     written = api.write(3)
-    os.rename(api.path, api.backup_name())  # lumberjack's gap between rename and create
+    api.append(b"unterminated")
     assert await drain(tailer) == written
+    os.rename(api.path, api.backup_name())  # lumberjack's gap between rename and create
+    # Our file is a backup now, so it is complete: its unterminated last line is a line.
+    assert await drain(tailer) == [b"unterminated"]
     api.path.touch()
     written2 = api.write(2)
     assert await drain(tailer) == written2
@@ -326,9 +328,7 @@ async def test_gzipped_backup_of_the_current_file_is_not_read_again(
     assert tailer.stats.compressed_files_read == 0
 
 
-async def test_unread_gzipped_backups_are_read_decompressed(
-    api: Apiserver, make_tailer: Callable[..., Tailer]
-) -> None:
+async def test_unread_gzipped_backups_are_read_decompressed(api: Apiserver, make_tailer: Callable[..., Tailer]) -> None:
     tailer = make_tailer(api.path)
     await tailer.open()
     first = api.write(100)
@@ -402,9 +402,7 @@ async def test_tail_mid_line_longer_than_a_read(api: Apiserver, make_tailer: Cal
     assert await drain(tailer) == [b"new"]  # no fragment of the line we joined in the middle
 
 
-async def test_tail_with_missing_log_reads_it_from_its_head(
-    tmp_path: Path, make_tailer: Callable[..., Tailer]
-) -> None:
+async def test_tail_with_missing_log_reads_it_from_its_head(tmp_path: Path, make_tailer: Callable[..., Tailer]) -> None:
     tailer = make_tailer(tmp_path / "later" / "audit.log", start_at="tail")
     await tailer.open()
     assert await tailer.read_batch(MiB) is None
@@ -413,13 +411,19 @@ async def test_tail_with_missing_log_reads_it_from_its_head(
     assert await drain(tailer) == written
 
 
-async def _read_some(api: Apiserver, make_tailer: Callable[..., Tailer], max_bytes: int) -> tuple[list[bytes], Position]:
+async def _read_some(
+    api: Apiserver, make_tailer: Callable[..., Tailer], max_bytes: int
+) -> tuple[list[bytes], Position]:
     tailer = make_tailer(api.path, read_size=512)
     await tailer.open()
     batch = await tailer.read_batch(max_bytes)
     assert batch is not None
     await tailer.close()
-    return batch.lines, batch.end
+    checkpoint = api.dir / ".audit.log.pyforward-checkpoint"  # where the pipeline keeps it: beside the log
+    save_checkpoint(checkpoint, batch.end)
+    loaded = load_checkpoint(checkpoint)
+    assert loaded == batch.end
+    return batch.lines, loaded
 
 
 @pytest.mark.parametrize("rotations", [0, 1, 2, 3])

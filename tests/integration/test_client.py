@@ -1,0 +1,393 @@
+"""ForwardClient against scripted receivers on real loopback sockets: acks, window, timeouts, resend,
+hostile answers (garbage, unknown ack ids, wrong PONG digest), handshake, reconnect with backoff."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from pyforward.client import ClientConfig, ForwardClient, Stream
+from pyforward.protocol import (
+    Chunk,
+    EntryPacker,
+    EventTime,
+    Ping,
+    Pong,
+    Request,
+    ServerDecoder,
+    build_chunk,
+    encode_ack,
+    encode_helo,
+    encode_pong,
+    make_helo,
+    make_pong,
+    verify_ping,
+)
+from tests.conftest import CertFiles
+
+Handler = Callable[["Conn"], Awaitable[None]]
+
+
+@dataclass
+class Conn:
+    """One accepted connection of a scripted receiver."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    decoder: ServerDecoder = field(default_factory=ServerDecoder)
+    raw: bytearray = field(default_factory=bytearray)
+
+    async def next_events(self) -> list[object]:
+        while True:
+            data = await self.reader.read(65536)
+            if not data:
+                raise EOFError
+            self.raw += data
+            events: list[object] = list(self.decoder.feed(data))
+            if events:
+                return events
+
+    async def requests(self) -> AsyncIterator[Request]:
+        while True:
+            try:
+                events = await self.next_events()
+            except EOFError:
+                return
+            for event in events:
+                assert isinstance(event, Request)
+                yield event
+
+    def ack(self, request: Request) -> None:
+        assert request.chunk is not None
+        self.writer.write(encode_ack(request.chunk))
+
+
+@dataclass
+class Scripted:
+    port: int
+    connections: int = 0
+    chunk_ids: list[bytes] = field(default_factory=list)
+    records: int = 0
+
+
+@contextlib.asynccontextmanager
+async def scripted(handler: Handler, ssl_ctx: ssl.SSLContext | None = None) -> AsyncIterator[Scripted]:
+    state = Scripted(port=0)
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        state.connections += 1
+        with contextlib.suppress(ConnectionError, EOFError, asyncio.CancelledError):
+            await handler(Conn(reader, writer))
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=ssl_ctx)
+    state.port = server.sockets[0].getsockname()[1]
+    try:
+        yield state
+    finally:
+        server.close()
+
+
+def connector(port: int, ssl_ctx: ssl.SSLContext | None = None) -> Callable[[], Awaitable[Stream]]:
+    async def connect() -> Stream:
+        return await asyncio.open_connection(
+            "127.0.0.1", port, ssl=ssl_ctx, server_hostname="localhost" if ssl_ctx else None
+        )
+
+    return connect
+
+
+def make_chunks(n: int, records: int = 3) -> list[Chunk]:
+    packer = EntryPacker()
+    chunks = []
+    for i in range(n):
+        entries = b"".join(packer.pack_entry(EventTime(1_700_000_000 + i, 5), {"i": i, "j": j}) for j in range(records))
+        chunks.append(build_chunk("audit", entries, records, size=100, compress=i % 2 == 0, position=i))
+    return chunks
+
+
+def collect(acked: list[int]) -> Callable[[Chunk, float], None]:
+    def on_ack(chunk: Chunk, latency: float) -> None:
+        assert isinstance(chunk.position, int)
+        acked.append(chunk.position)
+
+    return on_ack
+
+
+def fast_config(**kw: object) -> ClientConfig:
+    base: dict[str, object] = {"backoff_initial": 0.01, "backoff_max": 0.05, "ack_timeout": 5.0, "window": 4}
+    base.update(kw)
+    return ClientConfig(**base)  # type: ignore[arg-type]
+
+
+async def run_client(
+    port: int, chunks: list[Chunk], config: ClientConfig, ssl_ctx: ssl.SSLContext | None = None, timeout: float = 15
+) -> tuple[ForwardClient, list[int]]:
+    acked: list[int] = []
+    client = ForwardClient(connector(port, ssl_ctx), config, on_ack=collect(acked))
+    client.start()
+    for chunk in chunks:
+        client.submit(chunk)
+    try:
+        assert await client.drain(timeout), f"not drained: {client.stats}"
+    finally:
+        await client.close()
+    return client, acked
+
+
+async def acking(conn: Conn) -> None:
+    async for request in conn.requests():
+        conn.ack(request)
+
+
+async def test_every_chunk_acked_once() -> None:
+    seen: list[Request] = []
+
+    async def handler(conn: Conn) -> None:
+        async for request in conn.requests():
+            seen.append(request)
+            conn.ack(request)
+
+    async with scripted(handler) as server:
+        client, acked = await run_client(server.port, make_chunks(20), fast_config())
+    assert sorted(acked) == list(range(20))
+    assert len(seen) == 20
+    assert sum(len(r.entries) for r in seen) == 60
+    assert seen[0].entries[0].time == EventTime(1_700_000_000, 5)
+    assert client.stats.connects == 1
+
+
+async def test_window_bounds_chunks_in_flight() -> None:
+    """The receiver withholds acks: exactly `window` chunks arrive before it acks anything."""
+    arrived_before_ack: list[int] = []
+
+    async def handler(conn: Conn) -> None:
+        held: list[Request] = []
+        async for request in conn.requests():
+            held.append(request)
+            if len(held) == 3:
+                arrived_before_ack.append(len(held))
+                # the client must now wait: nothing more arrives until we ack
+                with contextlib.suppress(TimeoutError):
+                    extra = await asyncio.wait_for(conn.reader.read(65536), 0.3)
+                    raise AssertionError(f"client sent {len(extra)} bytes beyond its window")
+                for r in held:
+                    conn.ack(r)
+                held.clear()
+                break
+        async for request in conn.requests():
+            conn.ack(request)
+
+    async with scripted(handler) as server:
+        _, acked = await run_client(server.port, make_chunks(6), fast_config(window=3))
+    assert arrived_before_ack == [3]
+    assert sorted(acked) == list(range(6))
+
+
+async def test_ack_timeout_drops_connection_and_resends_same_ids() -> None:
+    async def handler(conn: Conn) -> None:
+        if state.connections == 1:
+            async for request in conn.requests():
+                assert request.chunk is not None
+                state.chunk_ids.append(request.chunk)  # never ack
+            return
+        async for request in conn.requests():
+            assert request.chunk is not None
+            state.chunk_ids.append(request.chunk)
+            conn.ack(request)
+
+    async with scripted(handler) as state:
+        client, acked = await run_client(state.port, make_chunks(2), fast_config(ack_timeout=0.3))
+    assert sorted(acked) == [0, 1]
+    assert state.connections >= 2
+    assert client.stats.chunks_retried >= 2
+    assert len(state.chunk_ids) >= 4
+    assert len(set(state.chunk_ids)) == 2  # the retries carried the same chunk ids as the first sends
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        pytest.param(b"\xc1garbage", id="garbage"),
+        pytest.param(encode_ack(b"not-a-chunk-we-sent"), id="unknown-ack-id"),
+        pytest.param(encode_helo(make_helo(user_auth=False)), id="unexpected-helo"),
+    ],
+)
+async def test_bad_answers_make_the_client_reconnect_and_resend(answer: bytes) -> None:
+    async def handler(conn: Conn) -> None:
+        if state.connections == 1:
+            await conn.next_events()
+            conn.writer.write(answer)
+            await conn.writer.drain()
+            await conn.reader.read()  # the client must hang up
+            state.chunk_ids.append(b"closed-by-client")
+            return
+        await acking(conn)
+
+    async with scripted(handler) as state:
+        client, acked = await run_client(state.port, make_chunks(3), fast_config())
+    assert sorted(acked) == [0, 1, 2]
+    assert state.chunk_ids == [b"closed-by-client"]
+    assert client.stats.connects >= 2
+
+
+async def test_receiver_closing_before_every_nth_ack_loses_nothing() -> None:
+    async def handler(conn: Conn) -> None:
+        count = 0
+        async for request in conn.requests():
+            count += 1
+            state.records += 1
+            if state.records % 4 == 0 and count > 0:
+                return  # close without acking this one
+            conn.ack(request)
+
+    async with scripted(handler) as state:
+        _, acked = await run_client(state.port, make_chunks(12), fast_config(window=2))
+    assert sorted(set(acked)) == list(range(12))
+    assert len(acked) == 12  # on_ack fires once per chunk, even when the receiver saw it twice
+
+
+async def test_unreachable_receiver_is_retried_until_it_comes_up() -> None:
+    async with scripted(acking) as state:
+        port = state.port
+    # nothing listens on `port` now: the client must keep trying, without losing the chunks
+    acked: list[int] = []
+    client = ForwardClient(connector(port), fast_config(), on_ack=collect(acked))
+    client.start()
+    for chunk in make_chunks(3):
+        client.submit(chunk)
+
+    async def failed_attempt() -> None:
+        while not client.stats.last_error:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(failed_attempt(), 5)
+    assert "refused" in client.stats.last_error
+    server = await asyncio.start_server(lambda r, w: acking(Conn(r, w)), "127.0.0.1", port)
+    try:
+        assert await client.drain(10)
+    finally:
+        await client.close()
+        server.close()
+    assert sorted(acked) == [0, 1, 2]
+
+
+# --- handshake ---------------------------------------------------------------------------------------------
+def handshake_receiver(
+    shared_key: str, *, users: dict[str, str] | None = None, tamper: Callable[[Pong], Pong] | None = None
+) -> Handler:
+    async def handler(conn: Conn) -> None:
+        helo = make_helo(user_auth=bool(users))
+        conn.writer.write(encode_helo(helo))
+        events = await conn.next_events()
+        ping = events[0]
+        assert isinstance(ping, Ping)
+        reason = verify_ping(ping, nonce=helo.nonce, shared_key=shared_key, auth=helo.auth, users=users or {})
+        pong = make_pong(
+            ping,
+            ok=reason is None,
+            reason=reason or "",
+            nonce=helo.nonce,
+            hostname="receiver-host",
+            shared_key=shared_key,
+        )
+        if tamper is not None:
+            pong = tamper(pong)
+        after_ping = len(conn.raw)
+        conn.writer.write(encode_pong(pong))
+        await conn.writer.drain()
+        if reason is not None or tamper is not None:
+            await conn.reader.read()  # wait for the client to hang up
+            handler.bytes_after_ping.append(len(conn.raw) - after_ping)  # type: ignore[attr-defined]
+            return
+        await acking(conn)
+
+    handler.bytes_after_ping = []  # type: ignore[attr-defined]
+    return handler
+
+
+async def test_shared_key_handshake_then_acks() -> None:
+    async with scripted(handshake_receiver("k3y")) as state:
+        _, acked = await run_client(state.port, make_chunks(3), fast_config(shared_key="k3y", hostname="shipper"))
+    assert sorted(acked) == [0, 1, 2]
+
+
+async def test_user_auth_handshake() -> None:
+    handler = handshake_receiver("k3y", users={"alice": "pw"})
+    async with scripted(handler) as state:
+        _, acked = await run_client(
+            state.port, make_chunks(1), fast_config(shared_key="k3y", username="alice", password="pw")
+        )
+    assert acked == [0]
+
+
+@pytest.mark.parametrize(
+    ("client_key", "tamper"),
+    [
+        pytest.param("wrong", None, id="wrong-shared-key"),
+        pytest.param("k3y", lambda p: Pong(True, "", p.hostname, b"0" * 128), id="wrong-pong-digest"),
+        pytest.param("k3y", lambda p: Pong(True, "", b"shipper", p.shared_key_digest), id="pong-with-own-hostname"),
+    ],
+)
+async def test_failed_handshake_never_sends_data(client_key: str, tamper: Callable[[Pong], Pong] | None) -> None:
+    handler = handshake_receiver("k3y", tamper=tamper)
+    async with scripted(handler) as state:
+        acked: list[int] = []
+        client = ForwardClient(
+            connector(state.port),
+            fast_config(shared_key=client_key, hostname="shipper"),
+            on_ack=lambda c, _: acked.append(1),
+        )
+        client.start()
+        client.submit(make_chunks(1)[0])
+
+        async def refused_twice() -> None:
+            while len(handler.bytes_after_ping) < 2:  # type: ignore[attr-defined]
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(refused_twice(), 10)
+        await client.close()
+    assert acked == []
+    assert handler.bytes_after_ping[:2] == [0, 0]  # type: ignore[attr-defined]
+    assert client.stats.last_error
+
+
+async def test_mtls(certs: CertFiles) -> None:
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs.ca))
+    server_ctx.load_cert_chain(certs.server_cert, certs.server_key)
+    server_ctx.verify_mode = ssl.CERT_REQUIRED
+    client_ctx = ssl.create_default_context(cafile=str(certs.ca))
+    client_ctx.load_cert_chain(certs.client_cert, certs.client_key)
+    async with scripted(acking, server_ctx) as state:
+        _, acked = await run_client(state.port, make_chunks(5), fast_config(), ssl_ctx=client_ctx)
+    assert sorted(acked) == list(range(5))
+
+
+async def test_reconnect_resends_unacked_on_the_new_connection() -> None:
+    first_conn = asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        if state.connections == 1:
+            await conn.next_events()
+            first_conn.set()
+            await conn.reader.read()
+            return
+        await acking(conn)
+
+    async with scripted(handler) as state:
+        acked: list[int] = []
+        client = ForwardClient(connector(state.port), fast_config(), on_ack=collect(acked))
+        client.start()
+        for chunk in make_chunks(2):
+            client.submit(chunk)
+        await asyncio.wait_for(first_conn.wait(), 5)
+        client.reconnect("test")
+        assert await client.drain(5)
+        await client.close()
+    assert sorted(acked) == [0, 1]
+    assert state.connections == 2
