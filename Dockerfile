@@ -29,13 +29,14 @@ FROM ${BASE_IMAGE} AS runtime
 ARG EXTRAS=kubernetes
 ARG VERSION=0.1.0
 ARG REVISION=unknown
+# The repository URL, from the release pipeline: --build-arg SOURCE_URL=https://...
+ARG SOURCE_URL=""
 LABEL org.opencontainers.image.title="pyforward" \
       org.opencontainers.image.description="Fluentd Forward-protocol shipper for the kube-apiserver audit log: tails the rotated log, ships every event acked over TCP, mTLS or HTTP CONNECT proxies." \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.source="https://github.com/pyforward/pyforward" \
-      org.opencontainers.image.documentation="https://github.com/pyforward/pyforward/tree/main/docs"
+      org.opencontainers.image.source="${SOURCE_URL}"
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore

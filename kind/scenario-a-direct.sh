@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Scenario a: kube-apiserver audit log -> pyforward (on the control-plane node) -> mTLS -> audittailer.
 # Usage: kind/scenario-a-direct.sh     (see kind/README.md; KIND_CLUSTER, SKIP_BUILD, TIMEOUT)
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 require_tools

@@ -2,7 +2,7 @@
 # Scenario b: audit log -> pyforward -> HTTP CONNECT over a Unix socket (konnectivity-style: socat + tinyproxy)
 # -> mTLS inside the tunnel -> audittailer.
 # Usage: kind/scenario-b-konnectivity-uds.sh     (see kind/README.md; KIND_CLUSTER, SKIP_BUILD, TIMEOUT)
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 require_tools

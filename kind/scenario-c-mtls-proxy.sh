@@ -2,7 +2,7 @@
 # Scenario c: audit log -> pyforward -> mTLS to an HTTP CONNECT proxy (vpn-seed-server: socat + tinyproxy)
 # -> mTLS to the receiver inside the tunnel (TLS inside TLS) -> audittailer.
 # Usage: kind/scenario-c-mtls-proxy.sh     (see kind/README.md; KIND_CLUSTER, SKIP_BUILD, TIMEOUT)
-# shellcheck source=lib.sh
+# shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 require_tools

@@ -169,7 +169,8 @@ async def _run(settings: Settings) -> int:
         try:
             server = start_server(settings.metrics_bind, metrics, health)
         except OSError as exc:
-            print(f"pyforward run: cannot serve metrics on {settings.metrics_bind}: {exc}", file=sys.stderr)
+            print(f"pyforward run: cannot serve metrics on {settings.metrics_bind}: {exc.strerror or exc}",
+                  file=sys.stderr)
             return EXIT_USAGE
         log.info("metrics and health on http://%s/metrics", settings.metrics_bind)
         beat = asyncio.create_task(heartbeat(health))

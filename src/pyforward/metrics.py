@@ -62,6 +62,9 @@ class Metrics:
         self.truncated_lines = counter(
             "truncated_lines", "Lines longer than the line limit, shipped cut to the limit and marked."
         )
+        self.truncated_line_bytes = counter(
+            "truncated_line_bytes", "Bytes cut from lines longer than the line limit (the rest of the line is shipped)."
+        )
         self.truncation_lost_bytes = counter(
             "truncation_lost_bytes",
             "Bytes of the log that were never read because the file was truncated or rewritten in place.",

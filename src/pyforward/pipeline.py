@@ -291,6 +291,8 @@ class Pipeline:
                 building.started = time.monotonic()
             entries = building.entries
             truncated = dict(batch.truncated) if batch.truncated else None
+            if truncated and self.metrics is not None:
+                self.metrics.truncated_line_bytes.inc(sum(n - len(batch.lines[i]) for i, n in truncated.items()))
             for index, line in enumerate(batch.lines):
                 t, record = parse(line, truncated_from=truncated.get(index) if truncated else None, now=now)
                 entries.append(pack(t, record))

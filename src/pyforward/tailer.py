@@ -104,6 +104,9 @@ class _LineAssembler:
     newline, so a 64 MB line costs `max_line` bytes of memory. fluent-bit either stops reading the file at
     such a line or skips it silently (Skip_Long_Lines, #3488 saves a wrong offset doing so); we return it
     cut and say so (LineBatch.truncated).
+
+    The incomplete last line is never returned while its file may grow, and positions stay at its start,
+    so a restart reads it again from the file (fluent-bit #11265 loses such a buffered line on restart).
     """
 
     def __init__(self, max_line: int) -> None:

@@ -78,11 +78,8 @@ class AuditLog:
 def arrived(output: Path) -> list[str]:
     if not output.exists():
         return []
-    ids = []
-    for line in output.read_bytes().splitlines():
-        if line.strip():
-            ids.append(orjson.loads(line)["auditID"])
-    return ids
+    complete = output.read_bytes().split(b"\n")[:-1]  # the receiver may be writing the last line right now
+    return [orjson.loads(line)["auditID"] for line in complete if line.strip()]
 
 
 # --- the receivers -------------------------------------------------------------------------------------------

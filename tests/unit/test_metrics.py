@@ -214,6 +214,13 @@ def test_readyz(health: HealthState, server: Server, connected: bool, backlog: i
     assert words in text
 
 
+def test_a_silent_client_does_not_block_the_probes(server: Server) -> None:
+    # One thread per request: a scraper that connects and sends nothing must not hold up the kubelet.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5):
+        assert get(f"{server.url}/healthz")[0] == 200
+        assert get(f"{server.url}/readyz")[0] == 200
+
+
 def test_unknown_path_is_404(server: Server) -> None:
     assert get(f"{server.url}/nope")[0] == 404
 
