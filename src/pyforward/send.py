@@ -12,7 +12,7 @@ from typing import IO, Any
 from pyforward.certs import CertError
 from pyforward.client import ForwardClient
 from pyforward.pipeline import ByteBudget, StartupError, client_config, proxy_from, tls_material
-from pyforward.protocol import Chunk, EntryPacker, EventTime, build_chunk
+from pyforward.protocol import Chunk, EntryPacker, build_chunk
 from pyforward.records import RecordParser, RecordStats
 from pyforward.settings import Settings
 from pyforward.transport import Destination, open_stream
@@ -117,7 +117,7 @@ async def send_file(settings: Settings, path: str, *, timeout: float, progress: 
                 for line, truncated_from, source in _lines(stream, settings.max_line_bytes):
                     if not line.strip() and truncated_from is None:
                         continue  # blank lines carry no record
-                    t, record = parser.parse(line, truncated_from=truncated_from, now=EventTime.now())
+                    t, record = parser.parse(line, truncated_from=truncated_from)
                     entries.append(packer.pack_entry(t, record))
                     size += source
                     records += 1
