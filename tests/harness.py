@@ -19,8 +19,10 @@ Reused by the end-to-end suite (tests/integration/test_run*.py), the chaos tests
 from __future__ import annotations
 
 import atexit
+import bisect
 import collections
 import contextlib
+import hashlib
 import json
 import os
 import queue
@@ -264,6 +266,30 @@ class AuditWriter:
     @property
     def rotations(self) -> int:
         return self.log.rotations
+
+    def events_covered(self, checkpoint: Mapping[str, Any]) -> int:
+        """How many of the events written (a prefix, in write order) lie before a checkpoint of `pyforward run`.
+
+        The checkpoint names its file by the fingerprint of the file's first ``fp_len`` bytes (checkpoint.py); the
+        lines of one file are contiguous in :attr:`lines`, so the file starts at the one line start where those
+        bytes match, and the checkpoint's offset counts from there. Works for rotated and gzipped files alike.
+        """
+        lines = list(self.lines)  # a snapshot: another thread may be writing
+        data = b"".join(lines)
+        starts = [0]
+        for line in lines:
+            starts.append(starts[-1] + len(line))
+        file = checkpoint["file"]
+        fp_len, fp_hash, offset = int(file["fp_len"]), str(file["fp_hash"]), int(checkpoint["offset"])
+        if fp_len == 0:
+            assert offset == 0, f"checkpoint of an empty file at offset {offset}"
+            return 0
+        found = [i for i, start in enumerate(starts[:-1]) if hashlib.sha256(data[start : start + fp_len]).hexdigest() == fp_hash]
+        assert len(found) == 1, f"checkpoint file {checkpoint.get('path')} matches {len(found)} places in what was written"
+        target = starts[found[0]] + offset
+        index = bisect.bisect_left(starts, target)
+        assert index < len(starts) and starts[index] == target, f"checkpoint offset {offset} is not at a line boundary"
+        return index
 
     def close(self) -> None:
         self.log.close()

@@ -159,7 +159,7 @@ async def _run(settings: Settings) -> int:
         pipeline = Pipeline(settings, metrics=metrics, health=health)
         start = pipeline.check_startup()
     except StartupError as exc:
-        log.error("%s", exc)
+        # One line, as for a bad setting (logging it as well printed the message twice).
         print(f"pyforward run: {exc}", file=sys.stderr)
         return EXIT_USAGE
     stop = asyncio.Event()

@@ -27,6 +27,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -77,8 +78,9 @@ class _Gone(Exception):
     """The resourceVersion we watch from is too old (410): list again."""
 
 
-class _ConfigChanged(Exception):
-    """The kubeconfig file changed: rebuild the client and restart the watches."""
+class _Reconnect(Exception):
+    """Rebuild the API client and restart the watches: the kubeconfig changed, or credentials were refused
+    (an exec plugin, OIDC or a token file yields fresh ones only when the configuration is loaded again)."""
 
 
 class _APIStatus(Exception):
@@ -177,6 +179,7 @@ class _Watched:
     name: str
     apply: Callable[[dict[str, Any] | None], Awaitable[None]]
     errors: _RateLimitedLog
+    backoff: _Backoff
     resource_version: str | None = None
     missing_logged: bool = False
 
@@ -215,6 +218,7 @@ class Discovery:
             kind="Service",
             name=settings.service_name,
             apply=self._apply_service,
+            backoff=_Backoff(settings.backoff_initial, settings.backoff_max),
             errors=_RateLimitedLog(
                 f"watching Service {ns}/{settings.service_name}", "keeping the last destination, retrying"
             ),
@@ -225,6 +229,7 @@ class Discovery:
                 kind="Secret",
                 name=settings.secret_name,
                 apply=self._apply_secret,
+                backoff=_Backoff(settings.backoff_initial, settings.backoff_max),
                 errors=_RateLimitedLog(
                     f"watching Secret {ns}/{settings.secret_name}", "keeping the last certificates, retrying"
                 ),
@@ -252,6 +257,9 @@ class Discovery:
 
     async def run(self) -> None:
         """Follow the Service and the Secret until cancelled. API and configuration trouble never escapes."""
+        # kubernetes_asyncio takes a second or two to import (every API group is generated code): do it in a
+        # thread so that the event loop, which the pipeline shares, keeps tailing and serving meanwhile.
+        await asyncio.to_thread(importlib.import_module, "kubernetes_asyncio.client")
         backoff = _Backoff(self.settings.backoff_initial, self.settings.backoff_max)
         while True:
             paths = self._config_paths()
@@ -268,8 +276,8 @@ class Discovery:
             backoff.reset()
             try:
                 await self._follow_all(api, paths, fingerprint)
-            except* _ConfigChanged:
-                _say(logging.INFO, f"Kubernetes configuration {_show_paths(paths)} changed: reconnecting")
+            except* _Reconnect as group:
+                _say(logging.INFO, f"{group.exceptions[0]}: reconnecting with the configuration loaded again")
             except* Exception as group:
                 # A bug, not API trouble (that is handled per watch): say so loudly, start over after a pause.
                 log.error("discovery failed: %s; starting over", _describe(group.exceptions[0]), exc_info=group)
@@ -326,7 +334,7 @@ class Discovery:
         while True:
             await asyncio.sleep(CONFIG_POLL_INTERVAL)
             if _fingerprint(paths) != fingerprint:
-                raise _ConfigChanged()
+                raise _Reconnect(f"Kubernetes configuration {_show_paths(paths)} changed")
 
     async def _follow_all(self, api: Any, paths: list[str], fingerprint: object) -> None:
         from kubernetes_asyncio import client
@@ -340,8 +348,9 @@ class Discovery:
 
     # --- list + watch --------------------------------------------------------------------------------------
     async def _follow(self, core: Any, watched: _Watched) -> None:
-        """List, then watch from the list's resourceVersion; forever. Only cancellation ends it."""
-        backoff = _Backoff(self.settings.backoff_initial, self.settings.backoff_max)
+        """List, then watch from the list's resourceVersion; forever. Ends only when cancelled, or with
+        _Reconnect when the credentials are refused."""
+        backoff = watched.backoff  # kept across reconnects: refused credentials must not make a fast loop
         watched.resource_version = None  # a new client (maybe another cluster): start with a list
         while True:
             try:
@@ -362,24 +371,24 @@ class Discovery:
                     backoff.reset()
             except asyncio.CancelledError:
                 raise
-            except _Gone:
-                # 410: the resourceVersion is older than the server's watch cache; list again (at once the
-                # first time, with backoff if it keeps happening).
-                where = f"{watched.kind} {self.settings.namespace}/{watched.name}"
-                _say(logging.INFO, f"{where}: resourceVersion expired (410 Gone); listing again")
-                watched.resource_version = None
-                if backoff.attempt:
-                    await backoff.sleep()
-                else:
-                    backoff.attempt = 1
             except Exception as exc:
-                # Unreachable, 5xx, 401/403, a broken stream, a file we could not write: keep what we have.
-                if _status_of(exc) == 410:
-                    watched.resource_version = None
-                    continue
-                watched.errors.error(_describe(exc))
                 watched.resource_version = None  # converge by listing again
+                status = _status_of(exc)
+                if isinstance(exc, _Gone) or status == 410:
+                    # The resourceVersion is older than the server's watch cache: list again, at once the first
+                    # time, with backoff if it keeps happening.
+                    where = f"{watched.kind} {self.settings.namespace}/{watched.name}"
+                    _say(logging.INFO, f"{where}: resourceVersion expired (410 Gone); listing again")
+                    if backoff.attempt:
+                        await backoff.sleep()
+                    else:
+                        backoff.attempt = 1
+                    continue
+                # Unreachable, 5xx, 401/403, a broken stream, a file we could not write: keep what we have.
+                watched.errors.error(_describe(exc))
                 await backoff.sleep()
+                if status == 401:
+                    raise _Reconnect("the API server refused the credentials (401)") from None
 
     async def _list(self, core: Any, watched: _Watched) -> bool:
         """List the object by name and apply what was found. False on 404 (nothing to watch from)."""

@@ -23,7 +23,7 @@ from pyforward.checkpoint import AckTracker, CheckpointError, CheckpointWriter, 
 from pyforward.client import ClientConfig, ForwardClient, NoDestination, Stream
 from pyforward.protocol import Chunk, EntryPacker, EventTime, build_chunk
 from pyforward.records import RecordParser, RecordStats
-from pyforward.settings import Settings
+from pyforward.settings import Settings, env_name
 from pyforward.tailer import Tailer, TailerStats
 from pyforward.transport import Destination, Proxy, open_stream
 
@@ -79,6 +79,17 @@ def tls_material(settings: Settings) -> TLSMaterial | None:
     )
 
 
+def _named(settings: Settings, error: CertError, prefix: str) -> str:
+    """The setting(s) whose file a CertError is about, as " (PYFORWARD_TLS_CA_FILE)": operators are told which
+    setting to fix (CertError names the file and its role only)."""
+    names = [
+        env_name(name)
+        for name in (f"{prefix}ca_file", f"{prefix}cert_file", f"{prefix}key_file")
+        if (path := getattr(settings, name)) is not None and str(path) in str(error)
+    ]
+    return f" ({', '.join(names)})" if names else ""
+
+
 def proxy_from(settings: Settings) -> Proxy | None:
     if not (settings.proxy_uds or settings.proxy_host):
         return None
@@ -98,7 +109,7 @@ def proxy_from(settings: Settings) -> Proxy | None:
         try:
             material.load()
         except CertError as exc:
-            raise StartupError(f"proxy TLS: {exc}") from None
+            raise StartupError(f"proxy TLS{_named(settings, exc, 'proxy_')}: {exc}") from None
     try:
         return _proxy(settings, material)
     except ValueError as exc:
@@ -168,7 +179,7 @@ class Pipeline:
             try:
                 self.tls.load()
             except CertError as exc:
-                raise StartupError(f"receiver TLS: {exc}") from None
+                raise StartupError(f"receiver TLS{_named(self.settings, exc, 'tls_')}: {exc}") from None
         try:
             return load_checkpoint(self.settings.effective_checkpoint_path)
         except CheckpointError as exc:
@@ -350,6 +361,10 @@ class Pipeline:
                         expiry = material.seconds_to_expiry()
                         if expiry is not None:
                             self.metrics.certificate_expiry_seconds.labels(cert=name).set(expiry)
+                for result, current in (("ok", self.checkpoint.writes), ("error", self.checkpoint.failures)):
+                    grown = self._delta(f"checkpoint_{result}", current)
+                    if grown > 0:
+                        self.metrics.checkpoint_writes.labels(result=result).inc(grown)
                 for name, current in (
                     ("rotations", self.tailer_stats.rotations),
                     ("truncation_lost_bytes", self.tailer_stats.truncation_bytes_lost),

@@ -121,13 +121,14 @@ class Cluster:
     def requests(self, action: kmock.action, resource: kmock.resource) -> list[kmock.Request]:
         return list(self.api[action, resource])
 
-    def write_kubeconfig(self, path: Path) -> None:
+    def write_kubeconfig(self, path: Path, *, token_file: Path | None = None) -> None:
         """A kubeconfig for this server, replaced atomically (a new inode, as a Secret mount update does)."""
+        user = {"tokenFile": str(token_file)} if token_file else {"token": "not-a-real-token"}
         config = {
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "shoot", "cluster": {"server": self.url}}],
-            "users": [{"name": "forwarder", "user": {"token": "not-a-real-token"}}],
+            "users": [{"name": "forwarder", "user": user}],
             "contexts": [{"name": "shoot", "context": {"cluster": "shoot", "user": "forwarder"}}],
             "current-context": "shoot",
         }

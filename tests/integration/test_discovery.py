@@ -327,6 +327,42 @@ async def test_api_unreachable_keeps_target(
         assert rec.targets[-1] == Target("10.1.2.4", 24224)
 
 
+async def test_refused_credentials_reload_the_configuration(
+    tmp_path: Path, cluster: Cluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 401 loads the configuration again (exec plugins, OIDC and token files give fresh credentials only
+    then); the kubeconfig file itself does not change here."""
+    caplog.set_level(logging.INFO, logger="pyforward.discovery")
+    token = tmp_path / "token"
+    token.write_text("token-1")
+    kubeconfig = tmp_path / "kubeconfig"
+    cluster.write_kubeconfig(kubeconfig, token_file=token)
+    await cluster.create(service("10.1.2.3"))
+    async with running(make_settings(tmp_path, kubeconfig, secret_name="")) as (disc, rec):
+        assert await disc.wait_ready(DEADLINE)
+        refused = (
+            cluster.api[lambda req: req.headers.get("Authorization") == "Bearer token-1"]
+            << 401
+            << {"kind": "Status", "code": 401, "status": "Failure", "reason": "Unauthorized", "message": "expired"}
+        )
+        token.write_text("token-2")  # the rotated token; only a new load of the configuration reads it
+        await cluster.restart()  # the open watch ends; the next request is refused
+        await eventually(lambda: len(refused) >= 1, what="a refused request")
+        await cluster.patch("services", SERVICE, {"spec": {"ports": [{"port": 24299}]}})
+        await eventually(lambda: len(rec.targets) == 2, what="the change seen with the new token")
+        assert rec.targets == [Target("10.1.2.3", 24224), Target("10.1.2.3", 24299)]  # never None
+        await eventually(
+            lambda: any(
+                r.headers.get("Authorization") == "Bearer token-2"
+                for r in cluster.requests(kmock.action.WATCH, SERVICES)
+            ),
+            what="a watch with the new token",
+        )
+    assert any("refused the credentials (401)" in r.getMessage() for r in caplog.records)
+    assert "token-1" not in caplog.text
+    assert "token-2" not in caplog.text
+
+
 @pytest.mark.parametrize("how", ["error-event", "http-status"])
 async def test_watch_410_relists(tmp_path: Path, cluster: Cluster, kubeconfig: Path, how: str) -> None:
     await cluster.create(service("10.1.2.3", (None, 1000)))
@@ -400,7 +436,7 @@ async def test_kubeconfig_replaced_switches_cluster(
             await other.patch("services", SERVICE, {"spec": {"ports": [{"port": 30001}]}})
             await eventually(lambda: len(rec.targets) == 3, what="a change in the new cluster")
             assert rec.targets == [Target("10.0.0.1", 24224), Target("10.0.0.2", 30000), Target("10.0.0.2", 30001)]
-    assert any("changed: reconnecting" in r.getMessage() for r in caplog.records)
+    assert any("kubeconfig changed: reconnecting" in r.getMessage() for r in caplog.records)
 
 
 async def test_kubeconfig_missing_then_written(tmp_path: Path, cluster: Cluster, caplog) -> None:

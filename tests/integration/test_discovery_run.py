@@ -92,7 +92,7 @@ class Receiving:
     async def close(self) -> None:
         if not self.closed:
             self.closed = True
-            await self.receiver.close()
+            await asyncio.wait_for(self.receiver.close(), 15)
 
 
 async def start_receiver(certs: CertFiles, output: Path, port: int = 0) -> Receiving:

@@ -1,0 +1,567 @@
+"""The pyforward benchmark: one command, one table, one JSON file. See bench/README.md.
+
+    python -m bench                 # full: 200,000-event corpus, 1 GB backlog, 3 runs, medians
+    python -m bench --small         # quick (CI smoke): 20,000 events, 48 MB backlog, 1 run
+
+Scenarios, each run in this order:
+
+floor       RecordParser.parse + EntryPacker.pack_entry over the corpus lines, in this process, tight loop.
+throughput  `pyforward run` (a real process) ships the corpus file to bench/sink.py (another process) over
+            mTLS with acks and gzip. events/s = events / (last ack - first request at the sink); CPU = utime +
+            stime of the whole shipper process (all threads, start-up included) from /proc/PID/stat when the
+            last ack is sent; peak RSS = VmHWM from /proc/PID/status at that moment.
+startup     from spawning `pyforward run` (the log already full) to the first request arriving at the sink.
+latency     lines appended to an empty log at a steady rate (default 1,000/s, a few per write); per auditID,
+            the time the sink wrote the ack minus the time the line was written (time.time() in both
+            processes). The ack's way back to the shipper (loopback) is not included.
+backlog     a ~1 GB log (small: 48 MB) already there, a sink that acks every request 0.1 s late (and does not
+            even gunzip): peak RSS (VmHWM) of the shipper until every event is acked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import importlib.metadata
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from pyforward.auditgen import audit_id, generate_events
+
+ROOT = Path(__file__).resolve().parent.parent
+SINK = Path(__file__).resolve().parent / "sink.py"
+RESULTS = Path(__file__).resolve().parent / "results"
+SEED = 20261126
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+#: The issue's targets: (metric, comparison, value). "min" means value >= target, "max" value <= target.
+TARGETS: dict[str, tuple[str, float]] = {
+    "throughput_eps": ("min", 50_000),
+    "of_floor": ("min", 0.70),
+    "cpu_us_per_event": ("max", 39.0),
+    "peak_rss_mb": ("max", 64.0),
+    "startup_s": ("max", 1.0),
+    "latency_p99_ms": ("max", 50.0),
+    "backlog_peak_rss_mb": ("max", 64.0),
+}
+
+#: Optional modules `pyforward run` must not import unless configured to use them.
+HEAVY_OPTIONAL = ("kubernetes_asyncio", "prometheus_client", "tqdm", "aiofiles", "uvloop")
+
+
+@dataclass(frozen=True)
+class Mode:
+    events: int
+    backlog_bytes: int
+    latency_seconds: float
+    runs: int
+
+
+FULL = Mode(events=200_000, backlog_bytes=1 << 30, latency_seconds=10.0, runs=3)
+SMALL = Mode(events=20_000, backlog_bytes=48 << 20, latency_seconds=3.0, runs=1)
+
+
+# ---------------------------------------------------------------------------------------------- processes
+
+
+def proc_cpu(pid: int) -> float:
+    """utime + stime of every thread of `pid`, in seconds."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A kB value from /proc/PID/status (VmHWM, VmRSS)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+class Sink:
+    """bench/sink.py in its own process; its JSON event lines are read by a thread."""
+
+    def __init__(self, certs: Any, workdir: Path, *, expect: int, ack_delay: float = 0.0, ids: Path | None = None):
+        argv = [
+            sys.executable,
+            str(SINK),
+            "--ca", str(certs.ca),
+            "--cert", str(certs.server_cert),
+            "--key", str(certs.server_key),
+            "--expect", str(expect),
+            "--ack-delay", str(ack_delay),
+        ]  # fmt: skip
+        if ids is not None:
+            argv += ["--ids", str(ids)]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=workdir)
+        self.events: dict[str, dict[str, Any]] = {}
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True)
+        self._thread.start()
+        self.port = int(self.wait("listening", 30)["port"])
+
+    def _read(self, pipe: IO[bytes]) -> None:
+        for line in pipe:
+            event = json.loads(line)
+            with self._cond:
+                if event["event"] == "error":
+                    print(f"bench: sink: {event['message']}", file=sys.stderr)
+                self.events.setdefault(event["event"], event)
+                self._cond.notify_all()
+        with self._cond:
+            self.events.setdefault("exit", {})
+            self._cond.notify_all()
+
+    def wait(self, name: str, timeout: float, alive: Callable[[], bool] = lambda: True) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while name not in self.events:
+                if "exit" in self.events:
+                    raise RuntimeError(f"bench: the sink exited before '{name}'")
+                if not alive():
+                    raise RuntimeError(f"bench: pyforward run exited before the sink said '{name}'")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"bench: no '{name}' from the sink within {timeout:.0f}s")
+                self._cond.wait(min(left, 0.5))
+            return self.events[name]
+
+    def stop(self) -> dict[str, Any]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            stats = self.wait("stats", 60)
+        finally:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(30)
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        return stats
+
+
+class Shipper:
+    """`pyforward run` with a clean PYFORWARD_* environment pointing at the sink."""
+
+    def __init__(self, certs: Any, log_path: Path, workdir: Path, port: int, extra: dict[str, str]) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYFORWARD_")}
+        env.update(
+            {
+                "PYFORWARD_LOG_PATH": str(log_path),
+                "PYFORWARD_CHECKPOINT_PATH": str(workdir / f"checkpoint-{time.monotonic_ns()}.json"),
+                "PYFORWARD_START_AT": "head",
+                "PYFORWARD_HOST": "127.0.0.1",
+                "PYFORWARD_PORT": str(port),
+                "PYFORWARD_TLS": "true",
+                "PYFORWARD_TLS_CA_FILE": str(certs.ca),
+                "PYFORWARD_TLS_CERT_FILE": str(certs.client_cert),
+                "PYFORWARD_TLS_KEY_FILE": str(certs.client_key),
+                "PYFORWARD_TLS_SERVER_NAME": "localhost",
+                "PYFORWARD_COMPRESS": "gzip",
+                "PYFORWARD_LOG_FORMAT": "text",
+                "PYFORWARD_LOG_LEVEL": "warning",
+            }
+        )
+        env.update(extra)
+        self.started = time.time()
+        self.proc = subprocess.Popen([sys.executable, "-m", "pyforward", "run"], env=env, cwd=workdir)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def sample(self) -> tuple[float, float]:
+        """(CPU seconds of all threads, peak RSS in MB) now."""
+        pid = self.proc.pid
+        return proc_cpu(pid), proc_status(pid, "VmHWM") / 1024
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+@contextlib.contextmanager
+def profiling(pid: int, out: Path | None) -> Iterator[None]:
+    """py-spy attached to `pid` (all threads, idle frames dropped) while the block runs, if asked."""
+    if out is None:
+        yield
+        return
+    spy = subprocess.Popen(
+        ["py-spy", "record", "--pid", str(pid), "--rate", "250", "--threads", "--format", "raw", "-o", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        spy.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            spy.wait(30)
+
+
+# ---------------------------------------------------------------------------------------------- corpus
+
+
+def corpus(cache: Path, count: int | None = None, *, min_bytes: int = 0) -> Path:
+    """The seeded audit log of `count` events (or of at least `min_bytes`), generated once into `cache`."""
+    name = f"audit-{count}-{SEED}.log" if count is not None else f"audit-{min_bytes >> 20}MiB-{SEED}.log"
+    path = cache / name
+    if path.exists():
+        return path
+    cache.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    size = 0
+    with partial.open("wb") as out:
+        batch: list[bytes] = []
+        for line in generate_events(count if count is not None else 10**9, seed=SEED):
+            batch.append(line)
+            size += len(line)
+            if len(batch) == 4096:
+                out.write(b"".join(batch))
+                batch.clear()
+            if count is None and size >= min_bytes:
+                break
+        out.write(b"".join(batch))
+    partial.rename(path)
+    return path
+
+
+def count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(block.count(b"\n") for block in iter(lambda: f.read(1 << 22), b""))
+
+
+# ---------------------------------------------------------------------------------------------- scenarios
+
+
+def floor(lines: list[bytes]) -> dict[str, float]:
+    """Parse + pack only, in this process: the most the per-event Python path can do here."""
+    from pyforward.protocol import EntryPacker, EventTime
+    from pyforward.records import RecordParser
+
+    parse = RecordParser().parse
+    pack = EntryPacker().pack_entry
+    now = EventTime.now()
+    started = time.perf_counter()
+    for line in lines:
+        t, record = parse(line, now=now)
+        pack(t, record)
+    elapsed = time.perf_counter() - started
+    return {"floor_eps": len(lines) / elapsed}
+
+
+def throughput(ctx: Context, log_path: Path, events: int, size: int) -> dict[str, float]:
+    sink = Sink(ctx.certs, ctx.workdir, expect=events)
+    shipper = Shipper(ctx.certs, log_path, ctx.workdir, sink.port, ctx.extra_env)
+    try:
+        with profiling(shipper.proc.pid, ctx.profile):
+            first = sink.wait("first", 60, shipper.alive)
+            done = sink.wait("done", 60 + events / 2000, shipper.alive)
+        cpu, rss = shipper.sample()
+    finally:
+        code = shipper.stop()
+        stats = sink.stop()
+    if code != 0:
+        raise RuntimeError(f"bench: pyforward run exited {code}")
+    elapsed = done["t"] - first["t"]
+    return {
+        "throughput_eps": events / elapsed,
+        "throughput_mbps": size / elapsed / 1e6,
+        "cpu_us_per_event": cpu / events * 1e6,
+        "peak_rss_mb": rss,
+        "startup_s": first["t"] - shipper.started,
+        "sink_cpu_us_per_event": stats["cpu"] / events * 1e6,
+        "wire_bytes_per_event": stats["wire_bytes"] / events,
+    }
+
+
+def latency(ctx: Context, rate: float, seconds: float) -> dict[str, float]:
+    directory = ctx.workdir / f"latency-{time.monotonic_ns()}"
+    directory.mkdir()
+    log_path = directory / "audit.log"
+    log_path.touch()
+    warmup = [*generate_events(5, seed=SEED + 1, id_prefix="warmup-")]
+    count = int(rate * seconds)
+    lines = [*generate_events(count, seed=SEED + 2, id_prefix="latency-")]
+    ids_file = directory / "acked.txt"
+    sink = Sink(ctx.certs, ctx.workdir, expect=len(warmup) + count, ids=ids_file)
+    shipper = Shipper(ctx.certs, log_path, ctx.workdir, sink.port, ctx.extra_env)
+    written: dict[str, float] = {}
+    try:
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, b"".join(warmup))
+            sink.wait("first", 60, shipper.alive)
+            # A steady rate: whatever is due is written at once (one write, usually 1-2 lines per ms).
+            start = time.monotonic()
+            index = 0
+            while index < count:
+                due = min(count, int((time.monotonic() - start) * rate) + 1)
+                if due > index:
+                    os.write(fd, b"".join(lines[index:due]))
+                    now = time.time()
+                    for line in lines[index:due]:
+                        written[audit_id(line)] = now
+                    index = due
+                time.sleep(0.0005)  # pacing the writer, not synchronisation
+        finally:
+            os.close(fd)
+        sink.wait("done", 30 + seconds, shipper.alive)
+    finally:
+        code = shipper.stop()
+        sink.stop()
+    if code != 0:
+        raise RuntimeError(f"bench: pyforward run exited {code}")
+    acked: dict[str, float] = {}
+    for row in ids_file.read_text().splitlines():
+        key, _, value = row.partition(" ")
+        acked[key] = float(value)
+    delays = sorted((acked[k] - t) * 1000 for k, t in written.items() if k in acked)
+    if len(delays) != len(written):
+        raise RuntimeError(f"bench: {len(written) - len(delays)} of {len(written)} latency events were never acked")
+    return {
+        "latency_p50_ms": quantile(delays, 0.50),
+        "latency_p99_ms": quantile(delays, 0.99),
+        "latency_max_ms": delays[-1],
+        "latency_events": len(delays),
+    }
+
+
+def backlog(ctx: Context, log_path: Path, events: int, size: int, delay: float) -> dict[str, float]:
+    sink = Sink(ctx.certs, ctx.workdir, expect=events, ack_delay=delay)
+    shipper = Shipper(ctx.certs, log_path, ctx.workdir, sink.port, ctx.extra_env)
+    try:
+        first = sink.wait("first", 60, shipper.alive)
+        done = sink.wait("done", 120 + size / 5e6, shipper.alive)
+        _, rss = shipper.sample()
+    finally:
+        code = shipper.stop()
+        sink.stop()
+    if code != 0:
+        raise RuntimeError(f"bench: pyforward run exited {code}")
+    return {
+        "backlog_peak_rss_mb": rss,
+        "backlog_mb": size / 1e6,
+        "backlog_drain_s": done["t"] - first["t"],
+    }
+
+
+def quantile(ordered: list[float], q: float) -> float:
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def heavy_imports() -> list[str]:
+    """Optional heavy modules loaded by importing what `pyforward run` imports (none should be)."""
+    code = (
+        "import sys, pyforward.cli, pyforward.pipeline;"
+        f"print(','.join(m for m in {HEAVY_OPTIONAL!r} if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    return [m for m in out.split(",") if m]
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class Context:
+    certs: Any
+    workdir: Path
+    extra_env: dict[str, str]
+    profile: Path | None
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in ("orjson", "msgpack", "uvloop", "isal"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "-"
+    return found
+
+
+def git_rev() -> str:
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return "?"
+    return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+ROWS: list[tuple[str, str, str]] = [
+    # (key, label, format)
+    ("floor_eps", "floor: parse + pack (events/s)", "{:,.0f}"),
+    ("throughput_eps", "throughput, TLS + acks + gzip (events/s)", "{:,.0f}"),
+    ("of_floor", "  share of the floor", "{:.0%}"),
+    ("throughput_mbps", "  source MB/s", "{:.1f}"),
+    ("cpu_us_per_event", "CPU per event, all threads (us)", "{:.1f}"),
+    ("peak_rss_mb", "peak RSS shipping the corpus (MB)", "{:.1f}"),
+    ("sink_cpu_us_per_event", "  sink CPU per event (us)", "{:.1f}"),
+    ("wire_bytes_per_event", "  bytes on the wire per event", "{:.0f}"),
+    ("startup_s", "start-up to first request (s)", "{:.2f}"),
+    ("latency_p50_ms", "latency write->ack p50 (ms)", "{:.1f}"),
+    ("latency_p99_ms", "latency write->ack p99 (ms)", "{:.1f}"),
+    ("latency_max_ms", "latency write->ack max (ms)", "{:.1f}"),
+    ("backlog_peak_rss_mb", "peak RSS draining the backlog (MB)", "{:.1f}"),
+    ("backlog_mb", "  backlog (MB)", "{:.0f}"),
+    ("backlog_drain_s", "  drained in (s), slow sink", "{:.1f}"),
+]
+
+
+def target_text(key: str) -> str:
+    if key not in TARGETS:
+        return ""
+    how, value = TARGETS[key]
+    shown = f"{value:.0%}" if key == "of_floor" else f"{value:,g}"
+    return (">= " if how == "min" else "<= ") + shown
+
+
+def meets(key: str, value: float, scale: float = 1.0) -> bool:
+    """Does `value` meet the target (scale 0.1: a tenth of it, the smoke test's gross-regression bound)?"""
+    how, target = TARGETS[key]
+    return value >= target * scale if how == "min" else value <= target / scale
+
+
+def table(medians: dict[str, float], header: str, compare: dict[str, float] | None) -> str:
+    lines = [header]
+    columns = ["metric".ljust(44), "value".rjust(12)]
+    if compare is not None:
+        columns.append("compared".rjust(12))
+    columns += ["target".rjust(12), "  met"]
+    lines.append("".join(columns))
+    for key, label, fmt in ROWS:
+        if key not in medians:
+            continue
+        row = [label.ljust(44), fmt.format(medians[key]).rjust(12)]
+        if compare is not None:
+            row.append((fmt.format(compare[key]) if key in compare else "-").rjust(12))
+        row.append(target_text(key).rjust(12))
+        if key in TARGETS:
+            row.append("  yes" if meets(key, medians[key]) else "  NO")
+        lines.append("".join(row).rstrip())
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description="pyforward benchmark (bench/README.md)")
+    parser.add_argument("--small", action="store_true", help="quick mode (CI smoke test)")
+    parser.add_argument("--runs", type=int, default=None, help="runs; the table shows medians (default 3, small 1)")
+    parser.add_argument("--events", type=int, default=None, help="corpus size (default 200,000; small 20,000)")
+    parser.add_argument("--backlog-mb", type=int, default=None, help="backlog size (default 1024; small 48)")
+    parser.add_argument("--latency-seconds", type=float, default=None, help="steady-rate phase (default 10; small 3)")
+    parser.add_argument("--rate", type=float, default=1000.0, help="events/s of the latency phase (default 1000)")
+    parser.add_argument("--ack-delay", type=float, default=0.1, help="slow sink's delay per ack (default 0.1 s)")
+    parser.add_argument(
+        "--only",
+        default="floor,throughput,latency,backlog",
+        help="comma-separated scenarios to run (floor, throughput, latency, backlog)",
+    )
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra env for pyforward run")
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy raw profile of the throughput phase here")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "pyforward-bench-cache")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON results")
+    parser.add_argument("--compare", type=Path, default=None, help="a results JSON to show side by side")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    mode = SMALL if args.small else FULL
+    runs = args.runs or mode.runs
+    events = args.events or mode.events
+    backlog_bytes = (args.backlog_mb << 20) if args.backlog_mb else mode.backlog_bytes
+    seconds = args.latency_seconds or mode.latency_seconds
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    extra_env = dict(item.split("=", 1) for item in args.env)
+    compare = json.loads(args.compare.read_text())["medians"] if args.compare else None
+
+    from pyforward.devcerts import write_dev_certs
+
+    load_before = os.getloadavg()
+    started = time.time()
+    print(f"bench: {'small' if args.small else 'full'} mode, {runs} run(s); load {load_before[0]:.2f}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="pyforward-bench-") as tmp:
+        workdir = Path(tmp)
+        certs = write_dev_certs(workdir / "certs")
+        ctx = Context(certs=certs, workdir=workdir, extra_env=extra_env, profile=args.profile)
+        corpus_path = corpus(args.cache, events)
+        corpus_size = corpus_path.stat().st_size
+        lines = corpus_path.read_bytes().splitlines() if "floor" in only else []
+        backlog_path = corpus(args.cache, min_bytes=backlog_bytes) if "backlog" in only else None
+        backlog_events = count_lines(backlog_path) if backlog_path else 0
+        per_run: list[dict[str, float]] = []
+        for run in range(runs):
+            figures: dict[str, float] = {"load": os.getloadavg()[0]}
+            if "floor" in only:
+                figures.update(floor(lines))
+            if "throughput" in only:
+                figures.update(throughput(ctx, corpus_path, events, corpus_size))
+                if "floor_eps" in figures:
+                    figures["of_floor"] = figures["throughput_eps"] / figures["floor_eps"]
+            if "latency" in only:
+                figures.update(latency(ctx, args.rate, seconds))
+            if backlog_path is not None:
+                figures.update(backlog(ctx, backlog_path, backlog_events, backlog_path.stat().st_size, args.ack_delay))
+            per_run.append(figures)
+            shown = ", ".join(f"{k}={v:,.4g}" for k, v in figures.items())
+            print(f"bench: run {run + 1}/{runs}: {shown}", flush=True)
+    medians = {key: statistics.median(run[key] for run in per_run) for key in per_run[0]}
+    load_after = os.getloadavg()
+    info = versions()
+    header = (
+        f"pyforward bench: {'small' if args.small else 'full'}, {events:,} events ({corpus_size / 1e6:.0f} MB), "
+        f"median of {runs} run(s); load {load_before[0]:.2f} -> {load_after[0]:.2f} on {os.cpu_count()} CPUs; "
+        f"python {info['python']}, orjson {info['orjson']}, msgpack {info['msgpack']}, uvloop {info['uvloop']}"
+    )
+    print(table(medians, header, compare))
+    heavy = heavy_imports()
+    print(f"heavy optional modules imported by `pyforward run` at start: {', '.join(heavy) or 'none'}")
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    result = {
+        "when": stamp,
+        "mode": "small" if args.small else "full",
+        "git": git_rev(),
+        "versions": info,
+        "events": events,
+        "corpus_bytes": corpus_size,
+        "runs": per_run,
+        "medians": medians,
+        "targets": {k: {"how": h, "value": v} for k, (h, v) in TARGETS.items()},
+        "load": {"before": load_before, "after": load_after},
+        "seconds": time.time() - started,
+        "env": extra_env,
+        "heavy_imports": heavy,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    out = args.out / f"{stamp}-{result['mode']}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"bench: results in {out}")
+    return 0
+
+
+if __name__ == "__main__":  # `python bench/run.py` as well as `python -m bench`
+    raise SystemExit(main())
