@@ -89,6 +89,15 @@ def _stop_proc(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout
     return code
 
 
+def _proc_state(pid: int) -> str:
+    """The state letter of a process (R, S, T for stopped, Z, ...) from /proc/PID/stat."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat[stat.rfind(")") + 2 :].split(" ", 1)[0]
+
+
 # ------------------------------------------------------------------------------------------------ waiting
 
 
@@ -223,6 +232,10 @@ def assert_delivered(
 # ------------------------------------------------------------------------------------------------ audit log
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 class AuditWriter:
     """Generated audit events into a :class:`RotatingAuditLog`; every line written is remembered in order.
 
@@ -284,11 +297,12 @@ class AuditWriter:
         if fp_len == 0:
             assert offset == 0, f"checkpoint of an empty file at offset {offset}"
             return 0
-        found = [i for i, start in enumerate(starts[:-1]) if hashlib.sha256(data[start : start + fp_len]).hexdigest() == fp_hash]
-        assert len(found) == 1, f"checkpoint file {checkpoint.get('path')} matches {len(found)} places in what was written"
+        found = [i for i, start in enumerate(starts[:-1]) if _sha256(data[start : start + fp_len]) == fp_hash]
+        assert len(found) == 1, f"checkpoint {checkpoint.get('path')} matches {len(found)} places in what was written"
         target = starts[found[0]] + offset
         index = bisect.bisect_left(starts, target)
-        assert index < len(starts) and starts[index] == target, f"checkpoint offset {offset} is not at a line boundary"
+        assert index < len(starts), f"checkpoint offset {offset} is beyond what was written"
+        assert starts[index] == target, f"checkpoint offset {offset} is not at a line boundary"
         return index
 
     def close(self) -> None:
@@ -391,9 +405,17 @@ class ReceiverProcess:
         return self.stop(signal.SIGKILL)
 
     def pause(self) -> None:
-        """SIGSTOP: connections still reach the kernel's backlog, nothing is read, written or acked."""
+        """SIGSTOP: connections still reach the kernel's backlog, nothing is read, written or acked.
+
+        Returns once the process is stopped (signals are delivered asynchronously)."""
         assert self.proc is not None
         self.proc.send_signal(signal.SIGSTOP)
+        wait_for(lambda: _proc_state(self.pid) in ("T", "t"), 10, what=f"{self.name} to be stopped")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
 
     def resume(self) -> None:
         assert self.proc is not None
@@ -454,6 +476,15 @@ class RunProcess:
         """Raise (ending a wait) when the process exited."""
         if self.proc is not None and self.proc.poll() is not None:
             raise AssertionError(f"pyforward run exited with {self.proc.returncode}; log tail:\n{self.tail()}")
+
+    def wait_until(self, predicate: Callable[[], T | None], timeout: float = 30.0, *, what: str) -> T:
+        """:func:`wait_for` that fails at once if this process exits meanwhile."""
+
+        def check() -> T | None:
+            self.check_alive()
+            return predicate()
+
+        return wait_for(check, timeout, what=what, diagnostics=self.tail)
 
     def wait(self, timeout: float = STOP_TIMEOUT) -> int:
         assert self.proc is not None

@@ -431,9 +431,9 @@ class Discovery:
         response = await method(
             self.settings.namespace,
             field_selector=f"metadata.name={watched.name}",
-            # The literal "true" (what client-go sends); kubernetes_asyncio would send "True".
+            # The literal "true", as client-go sends it (kubernetes_asyncio would send a Python bool as "True").
             watch="true",
-            allow_watch_bookmarks=True,
+            allow_watch_bookmarks="true",
             timeout_seconds=timeout,
             _preload_content=False,
             _request_timeout=(self.settings.connect_timeout, timeout + WATCH_READ_SLACK),

@@ -125,13 +125,14 @@ class RedactFilter(logging.Filter):
 class RateLimitFilter(logging.Filter):
     """First occurrence of a message template, then at most one per ``interval`` seconds, with the count held back.
 
-    Messages below ``min_level`` (debug, by default) are never held back: debug output is asked for explicitly.
+    Messages below ``min_level`` (warning, by default) are never held back: info lines are state changes (a new
+    destination, shipping paused) that must all be seen; repeated failures are warnings and errors.
     """
 
     def __init__(
         self,
         interval: float = DEFAULT_RATE_LIMIT_SECONDS,
-        min_level: int = logging.INFO,
+        min_level: int = logging.WARNING,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__()

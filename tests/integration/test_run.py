@@ -8,6 +8,7 @@ test_run_startup.py.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -174,12 +175,14 @@ def test_sigterm_drains_and_checkpoints_exactly_what_was_acked(harness: Harness)
     checkpoint at the end of the last acked line; after a restart the rest arrives and nothing is re-sent."""
     receiver = harness.receiver("plain")
     writer = harness.audit_log()  # one file: offsets in the checkpoint map directly to lines
-    env = harness.run_env(receiver, chunk_max_bytes=8 << 10, chunk_max_records=10, window=8, max_line_bytes=16 << 10)
+    # A small in-flight budget: the drain has a bounded amount of work, so SIGTERM lands in the middle.
+    env = harness.run_env(receiver, chunk_max_bytes=8 << 10, chunk_max_records=10, window=8, max_line_bytes=16 << 10,
+                          max_inflight_bytes=64 << 10)
     lines = writer.events(4000)
     writer.write_lines(lines)
     run = harness.run(env)
     output = receiver.received()
-    wait_for(lambda: run.check_alive() or len(output.refresh()) >= 200, 30, what="200 events to arrive")
+    run.wait_until(lambda: len(output.refresh()) >= 200, what="200 events to arrive")
     assert run.terminate() == 0
     assert run.find_log(r"stopped: everything read was acked; checkpoint written")
     received = output.refresh()
@@ -198,11 +201,41 @@ def test_sigterm_drains_and_checkpoints_exactly_what_was_acked(harness: Harness)
     assert_delivered(writer.ids, output.refresh(), context="after the restart")
 
 
+def test_sigterm_with_the_receiver_down_stops_after_the_shutdown_timeout(harness: Harness) -> None:
+    """SIGTERM while nothing can be acked: exit 0 after PYFORWARD_SHUTDOWN_TIMEOUT, saying how much is unacked;
+    the checkpoint stays at what was acked, so after a restart the rest arrives, once."""
+    receiver = harness.receiver("plain")
+    writer = harness.audit_log()
+    env = harness.run_env(receiver, shutdown_timeout=1, max_inflight_bytes=64 << 10, **CHUNKS)
+    run = harness.run(env)
+    output = receiver.received()
+    acked = writer.write(100)
+    harness.wait_delivered(acked, output, run=run)
+    wait_for(lambda: harness.checkpoint_path.exists() and checkpoint_of(harness)["offset"] == len(b"".join(writer.lines)),
+             10, what="the checkpoint to cover the first events")
+    assert receiver.stop() == 0
+    unacked = writer.write(500)
+    run.wait_log(r"connection to the receiver failed", level="warning")
+    started = time.monotonic()
+    assert run.terminate() == 0
+    assert 1.0 <= time.monotonic() - started < 10
+    assert run.find_log(r"stopped with \d+ chunk\(s\) unacked; they are read again from the log after the restart",
+                        level="warning")
+    assert checkpoint_of(harness)["offset"] == len(b"".join(writer.lines[: len(acked)]))
+    receiver.start()
+    run.start()
+    harness.wait_delivered(unacked, output, run=run)
+    assert run.terminate() == 0
+    assert_delivered(writer.ids, output.refresh())
+
+
 KILLS = 6
 KILLS_LONG = 40
 
 
-@pytest.mark.parametrize("kills", [pytest.param(KILLS, id="ci"), pytest.param(KILLS_LONG, id="long", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "kills", [pytest.param(KILLS, id="ci"), pytest.param(KILLS_LONG, id="long", marks=pytest.mark.slow)]
+)
 def test_sigkill_loop_loses_nothing(harness: Harness, kills: int) -> None:
     """SIGKILL `pyforward run` at random moments while events are written with rotation (gzip backups): every
     event arrives; at each kill the checkpoint on disk covers only events the receiver has; and the restart resumes
@@ -235,9 +268,8 @@ def test_sigkill_loop_loses_nothing(harness: Harness, kills: int) -> None:
         except BaseException as exc:  # reported by the test
             errors.append(exc)
 
-    def progressed(target: int) -> bool:
-        run.check_alive()
-        return len(output.refresh()) >= target
+    def arrived_at_least(count: int) -> bool:
+        return len(output.refresh()) >= count
 
     thread = threading.Thread(target=write, daemon=True)
     thread.start()
@@ -248,9 +280,8 @@ def test_sigkill_loop_loses_nothing(harness: Harness, kills: int) -> None:
             # A random moment: right after start (maybe before it connected), or after some progress.
             progress = rng.choice([0, rng.randrange(1, 50), rng.randrange(50, 200)])
             if progress:
-                target = len(output.refresh()) + progress
-                wait_for(lambda target=target: progressed(target), 60, what=f"kill {kill}: {progress} more events",
-                         diagnostics=harness.describe)
+                run.wait_until(functools.partial(arrived_at_least, len(output.refresh()) + progress), 60,
+                               what=f"kill {kill}: {progress} more events")
             else:
                 run.wait_log(r"^shipping ")
             run.check_alive()

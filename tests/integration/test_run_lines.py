@@ -52,12 +52,8 @@ def test_copy_truncate_logs_the_lost_bytes_and_ships_later_lines(harness: Harnes
         harness.run_env(port=port, chunk_max_bytes=16 << 10, chunk_max_records=25, max_line_bytes=16 << 10,
                         max_inflight_bytes=64 << 10, metrics_bind=metrics_bind)
     )
-    wait_for(
-        lambda: run.check_alive() or try_metrics(metrics_bind).get("pyforward_inflight_bytes", 0) >= 48 << 10,
-        30,
-        what="the in-flight budget to fill up",
-        diagnostics=harness.describe,
-    )
+    run.wait_until(lambda: try_metrics(metrics_bind).get("pyforward_inflight_bytes", 0) >= 48 << 10,
+                   what="the in-flight budget to fill up")
     shutil.copyfile(harness.log_path, harness.logdir / "audit.log.1")
     os.truncate(harness.log_path, 0)
     receiver.start()
@@ -94,12 +90,8 @@ def test_copy_truncate_with_a_backup_name_loses_nothing(harness: Harness) -> Non
         harness.run_env(port=port, chunk_max_bytes=16 << 10, chunk_max_records=25, max_line_bytes=16 << 10,
                         max_inflight_bytes=64 << 10, metrics_bind=metrics_bind)
     )
-    wait_for(
-        lambda: run.check_alive() or try_metrics(metrics_bind).get("pyforward_inflight_bytes", 0) >= 48 << 10,
-        30,
-        what="the in-flight budget to fill up",
-        diagnostics=harness.describe,
-    )
+    run.wait_until(lambda: try_metrics(metrics_bind).get("pyforward_inflight_bytes", 0) >= 48 << 10,
+                   what="the in-flight budget to fill up")
     shutil.copyfile(harness.log_path, harness.logdir / "audit-2026-11-26T12-00-00.000.log")
     os.truncate(harness.log_path, 0)
     receiver.start()

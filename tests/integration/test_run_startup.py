@@ -44,7 +44,7 @@ def one_line(text: str) -> str:
     [
         pytest.param({"PYFORWARD_TLS_CA_FILE": "{root}/missing-ca.crt"}, "PYFORWARD_TLS_CA_FILE", id="ca-missing"),
         pytest.param({"PYFORWARD_TLS_CA_FILE": "{root}"}, "PYFORWARD_TLS_CA_FILE", id="ca-is-a-directory"),
-        pytest.param({"PYFORWARD_TLS_CA_FILE": "{root}/run1.stderr"}, "PYFORWARD_TLS_CA_FILE", id="ca-not-pem"),
+        pytest.param({"PYFORWARD_TLS_CA_FILE": "{root}/not-pem.crt"}, "PYFORWARD_TLS_CA_FILE", id="ca-not-pem"),
         pytest.param({"PYFORWARD_PORT": "99999"}, "PYFORWARD_PORT", id="port-out-of-range"),
         pytest.param({"PYFORWARD_MAX_LINE_BYTES": "lots"}, "PYFORWARD_MAX_LINE_BYTES", id="not-a-size"),
         pytest.param({"PYFORWARD_CHUNK_MAX_BYTES": "32Mi"}, "PYFORWARD_MAX_INFLIGHT_BYTES", id="chunk-over-budget"),
@@ -57,6 +57,7 @@ def test_invalid_setting_exits_2_with_one_line_naming_it(
     harness: Harness, listener: socket.socket, variables: dict[str, str], named: str
 ) -> None:
     harness.audit_log().write(10)
+    (harness.root / "not-pem.crt").write_text("this is not a certificate\n")
     env = harness.run_env(port=listener.getsockname()[1], tls="true", tls_server_name="localhost")
     env.update({k: v.format(root=harness.root) for k, v in variables.items()})
     run = harness.run(env)

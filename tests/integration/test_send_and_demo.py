@@ -39,7 +39,8 @@ def test_send_100k_lines_over_mtls_with_gzip_and_acks(harness: Harness) -> None:
     assert f"{count} record(s)" in result.stderr.decode()
     output = receiver.received()
     received = output.refresh()
-    assert output.lines == count and not output.other
+    assert output.lines == count
+    assert not output.other
     expected = [audit_id(line) for line in source.read_bytes().splitlines()]
     assert_delivered(expected, received, context="pyforward send -> pyforward receive")
     assert receiver.stop() == 0

@@ -77,6 +77,9 @@ class EchoServer:
         # Let every handler finish (Python 3.11's stream callback logs an error for a cancelled one).
         if self.tasks:
             await asyncio.wait(self.tasks, timeout=5)
+        for writer in self.writers:  # until each socket is really closed (TLS shutdown included)
+            with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), 5)
 
 
 StartEcho = Callable[..., Awaitable[EchoServer]]
