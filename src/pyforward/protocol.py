@@ -24,7 +24,7 @@ import os
 import struct
 import time as _time
 import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -235,6 +235,12 @@ class EntryPacker:
         self._pack_lenient = msgpack.Packer(
             use_bin_type=True, default=_pack_default, unicode_errors="surrogateescape"
         ).pack
+
+    @property
+    def pack_record(self) -> Callable[[dict[str, Any]], bytes]:
+        """The reused Packer's ``pack``: a record's msgpack bytes. Raises UnicodeEncodeError for a string with
+        lone surrogates (``pack_entry`` retries those leniently)."""
+        return self._pack  # type: ignore[no-any-return]
 
     def pack_entry(self, time: EventTime | int, record: Mapping[str, Any]) -> bytes:
         if type(record) is not dict:

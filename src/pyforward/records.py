@@ -39,9 +39,9 @@ from typing import Any, Final
 
 import orjson
 
-from pyforward.protocol import EventTime
+from pyforward.protocol import EntryPacker, EventTime
 
-__all__ = ["MAX_DEPTH", "RecordParser", "RecordStats", "parse_time", "to_json_line"]
+__all__ = ["MAX_DEPTH", "EntryEncoder", "RecordParser", "RecordStats", "parse_time", "to_json_line"]
 
 #: Deepest record (levels of object/array nesting, the record itself being level 1) shipped as a record.
 #: msgpack-python packs at most 1024 levels and the Forward message adds 3; 512 leaves a wide margin for
@@ -334,6 +334,91 @@ class RecordParser:
             return {"log": line.decode("utf-8", "replace")}
         stats.parse_errors += 1
         return {"log": text}
+
+
+# ------------------------------------------------------------------------------------------- entries
+
+# "YYYY-MM-DDTHH:MM:SS" -> the packed entry's head up to the nanoseconds: fixarray(2), fixext8 type 0, uint32 BE
+# seconds (Forward spec "EventTime Ext Format"). Bounded like _PREFIX_CACHE.
+_HEAD_CACHE: dict[str, bytes] = {}
+_FLOAT64: Final = b"\xcb"  # msgpack float 64: how msgpack-python packs every Python float
+
+
+def _kube_time_head(value: str) -> bytes | None:
+    """``92 d7 00`` + seconds + nanoseconds for kube-apiserver's exact format ``YYYY-MM-DDTHH:MM:SS.ffffffZ``.
+
+    None for any other string: the caller then takes the general path (:func:`parse_time`), so this only has
+    to be right for the format it accepts, where it must agree with parse_time (tested).
+    """
+    if len(value) != 27 or value[19] != "." or value[26] != "Z" or not value.isascii():
+        return None
+    prefix = value[:19]
+    head = _HEAD_CACHE.get(prefix)
+    if head is None:
+        seconds = _prefix_seconds(value)
+        if seconds is None or not 0 <= seconds <= _UINT32_MAX:
+            return None
+        if len(_HEAD_CACHE) >= _PREFIX_CACHE_MAX:
+            _HEAD_CACHE.clear()
+        head = _HEAD_CACHE[prefix] = b"\x92\xd7\x00" + seconds.to_bytes(4, "big")
+    fraction = value[20:26]
+    if not fraction.isdigit():
+        return None
+    return head + (int(fraction) * 1000).to_bytes(4, "big")
+
+
+class EntryEncoder:
+    """One log line -> one packed Forward entry ``[EventTime, record]`` (msgpack bytes): the shipper's hot path.
+
+    ``encode(line, now)`` returns exactly ``packer.pack_entry(*parser.parse(line, now=now))`` and counts the
+    same in ``parser.stats`` (tested on every kind of line), with less work for a well-formed audit event:
+
+    * the time comes from kube-apiserver's exact ``stageTimestamp`` format straight to its packed bytes (no
+      EventTime object); any other form takes the general path;
+    * the huge-integer test (``RecordParser.parse`` translates every line to find runs of 19 digits) runs only
+      when the packed record holds a float: orjson turns an integer beyond 64 bits into a float, and
+      msgpack-python packs every float as float 64 (``cb``), so a record whose bytes have no ``cb`` at all
+      has no such integer. A ``cb`` byte inside a string or an integer only costs that test.
+
+    Anything unusual (not JSON, not an object, too deep, no usable time, a huge integer, a string msgpack cannot
+    encode) goes through ``parse`` + ``pack_entry`` themselves, so their decisions stay the only ones.
+    """
+
+    __slots__ = ("_pack", "_pack_entry", "_parse", "_stats", "_time_key")
+
+    def __init__(self, parser: RecordParser, packer: EntryPacker | None = None) -> None:
+        packer = packer if packer is not None else EntryPacker()
+        self._parse = parser.parse
+        self._stats = parser.stats
+        self._time_key = parser.time_key
+        self._pack_entry = packer.pack_entry
+        self._pack = packer.pack_record
+
+    def encode(self, line: bytes, now: EventTime) -> bytes:
+        """``line`` (without its newline) as a packed entry; ``now`` is the time for lines without a usable one."""
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            return self._general(line, now)
+        if type(obj) is not dict:
+            return self._general(line, now)
+        if len(line) >= 2 * MAX_DEPTH and line.count(b"{") + line.count(b"[") > MAX_DEPTH:
+            return self._general(line, now)  # maybe too deep: parse decides
+        value = obj.get(self._time_key)
+        head = _kube_time_head(value) if type(value) is str else None
+        if head is None:
+            return self._general(line, now)
+        try:
+            body = self._pack(obj)
+        except UnicodeEncodeError:
+            return self._general(line, now)
+        if _FLOAT64 in body and _LONG_DIGIT_RUN in line.translate(_DIGIT_RUN_TABLE) and _has_huge_integer(line):
+            return self._general(line, now)
+        self._stats.records += 1
+        return head + body
+
+    def _general(self, line: bytes, now: EventTime) -> bytes:
+        return self._pack_entry(*self._parse(line, now=now))
 
 
 def _strip_eol(line: bytes) -> bytes:

@@ -322,11 +322,14 @@ async def test_connection_refused(echo: StartEcho) -> None:
 
 async def test_tls_handshake_timeout_names_the_step(certs: CertFiles) -> None:
     accepted = asyncio.Event()
+    finished = asyncio.Event()
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.set()
-        await reader.read()  # never answers the ClientHello
+        await reader.read()  # never answers the ClientHello; returns once the client has given up
         writer.close()
+        await writer.wait_closed()
+        finished.set()
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -339,6 +342,7 @@ async def test_tls_handshake_timeout_names_the_step(certs: CertFiles) -> None:
         assert info.value.step == "tls"
         assert str(info.value) == (f"timeout at step tls after 0.3 s: TLS handshake with receiver 127.0.0.1:{port}")
         assert accepted.is_set()
+        await asyncio.wait_for(finished.wait(), 5)  # open_stream closed its socket on the timeout
     finally:
         server.close()
         await server.wait_closed()
