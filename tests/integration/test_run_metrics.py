@@ -49,7 +49,7 @@ def test_metrics_match_what_was_shipped_and_probes_follow_the_state(harness: Har
     receiver.stop()
     more = writer.write(200)
     wait_for(lambda: probe(bind, "/readyz")[0] == 503, 30, what="/readyz to turn 503")
-    status, body = probe(bind, "/readyz")
+    _, body = probe(bind, "/readyz")
     assert "backlog" in body or "connected" in body
     assert probe(bind, "/healthz")[0] == 200  # alive all the same: the event loop answers
     assert try_metrics(bind)["pyforward_connected"] == 0
