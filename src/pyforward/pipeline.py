@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,7 +23,7 @@ from pyforward.certs import CertError, TLSFiles, TLSMaterial
 from pyforward.checkpoint import AckTracker, CheckpointError, CheckpointWriter, Position, load_checkpoint
 from pyforward.client import ClientConfig, ForwardClient, NoDestination, Stream
 from pyforward.protocol import Chunk, EntryPacker, EventTime, build_chunk
-from pyforward.records import RecordParser, RecordStats
+from pyforward.records import EntryEncoder, RecordParser, RecordStats
 from pyforward.settings import Settings, env_name
 from pyforward.tailer import Tailer, TailerStats
 from pyforward.transport import Destination, Proxy, open_stream
@@ -142,6 +143,10 @@ def client_config(settings: Settings) -> ClientConfig:
     )
 
 
+def _build_compressed(tag: str, blob: bytes, records: int, size: int, level: int, seq: int) -> Chunk:
+    return build_chunk(tag, blob, records, size=size, compress=True, level=level, position=seq)
+
+
 class Pipeline:
     def __init__(
         self, settings: Settings, *, metrics: Metrics | None = None, health: HealthState | None = None
@@ -153,6 +158,7 @@ class Pipeline:
         self.record_stats = RecordStats()
         self.parser = RecordParser(time_key=settings.time_key, stats=self.record_stats)
         self.packer = EntryPacker()
+        self.encoder = EntryEncoder(self.parser, self.packer)
         self.tracker = AckTracker()
         self.checkpoint = CheckpointWriter(settings.effective_checkpoint_path)
         self.budget = ByteBudget(settings.max_inflight_bytes)
@@ -171,6 +177,11 @@ class Pipeline:
         self._tailer: Tailer | None = None
         self._reported: dict[str, int] = {}
         self._last_ack = 0.0
+        # Chunks being built (gzip), in read order; the sender hands them to the client in that order.
+        self._outbox: asyncio.Queue[asyncio.Future[Chunk]] | None = None
+        # One thread, so chunks leave it in the order they went in. gzip releases the GIL: chunk N is compressed
+        # while the loop parses chunk N+1 (awaiting each compression serialised the two: profile in bench/README).
+        self._compressor: ThreadPoolExecutor | None = None
 
     # --- start-up ------------------------------------------------------------------------------------------
     def check_startup(self) -> Position | None:
@@ -246,9 +257,11 @@ class Pipeline:
 
     # --- the read loop -------------------------------------------------------------------------------------
     async def _submit(self, building: _Building) -> None:
+        """Close the chunk being built: wait for room under the in-flight bound, then queue it for the sender."""
         if not building.entries:
             return
         assert building.end is not None
+        assert self._outbox is not None
         records = len(building.entries)
         blob = b"".join(building.entries)
         size = building.size
@@ -257,32 +270,46 @@ class Pipeline:
         await self.budget.acquire(size)
         seq = self.tracker.register(building.end)
         settings = self.settings
-        compress = settings.compress == "gzip"
-        # gzip releases the GIL: compress in a thread while the loop keeps reading and talking to the receiver.
-        chunk = (
-            await asyncio.to_thread(
-                build_chunk,
+        future: asyncio.Future[Chunk]
+        if settings.compress == "gzip":
+            if self._compressor is None:
+                self._compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyforward-gzip")
+            future = asyncio.get_running_loop().run_in_executor(
+                self._compressor,
+                _build_compressed,
                 settings.tag,
                 blob,
                 records,
-                size=size,
-                compress=compress,
-                level=settings.compress_level,
-                position=seq,
+                size,
+                settings.compress_level,
+                seq,
             )
-            if compress
-            else build_chunk(settings.tag, blob, records, size=size, compress=False, position=seq)
-        )
-        self.client.submit(chunk)
-        if self.metrics is not None:
-            self.metrics.records_sent.inc(records)
-            self.metrics.chunks_sent.inc()
-            self.metrics.inflight_bytes.set(self.budget.used)
+        else:
+            future = asyncio.get_running_loop().create_future()
+            future.set_result(build_chunk(settings.tag, blob, records, size=size, compress=False, position=seq))
+        self._outbox.put_nowait(future)
+
+    async def _send_loop(self) -> None:
+        """Hand the chunks to the client in read order, each once it is built."""
+        assert self._outbox is not None
+        outbox = self._outbox
+        while True:
+            future = await outbox.get()
+            try:
+                chunk = await future
+            finally:
+                outbox.task_done()
+            self.client.submit(chunk)
+            if self.metrics is not None:
+                self.metrics.records_sent.inc(chunk.records)
+                self.metrics.chunks_sent.inc()
+                self.metrics.inflight_bytes.set(self.budget.used)
 
     async def _read_loop(self, tailer: Tailer, building: _Building) -> None:
         settings = self.settings
         parse = self.parser.parse
         pack = self.packer.pack_entry
+        encode = self.encoder.encode
         max_bytes = settings.chunk_max_bytes
         max_records = settings.chunk_max_records
         while True:
@@ -301,12 +328,15 @@ class Pipeline:
             if not building.entries:
                 building.started = time.monotonic()
             entries = building.entries
-            truncated = dict(batch.truncated) if batch.truncated else None
-            if truncated and self.metrics is not None:
-                self.metrics.truncated_line_bytes.inc(sum(n - len(batch.lines[i]) for i, n in truncated.items()))
-            for index, line in enumerate(batch.lines):
-                t, record = parse(line, truncated_from=truncated.get(index) if truncated else None, now=now)
-                entries.append(pack(t, record))
+            if batch.truncated:
+                truncated = dict(batch.truncated)
+                if self.metrics is not None:
+                    self.metrics.truncated_line_bytes.inc(sum(n - len(batch.lines[i]) for i, n in truncated.items()))
+                for index, line in enumerate(batch.lines):
+                    t, record = parse(line, truncated_from=truncated.get(index), now=now)
+                    entries.append(pack(t, record))
+            else:
+                entries.extend([encode(line, now) for line in batch.lines])
             building.size += batch.size
             building.end = batch.end
             self._count(len(batch.lines), batch.size)
@@ -406,12 +436,16 @@ class Pipeline:
         if self.discovery is not None:
             background.append(asyncio.create_task(self.discovery.run(), name="discovery"))
         building = _Building(entries=[])
+        self._outbox = asyncio.Queue()
+        background.append(asyncio.create_task(self._send_loop(), name="chunk-sender"))
         reader = asyncio.create_task(self._read_loop(tailer, building), name="read-loop")
         stopper = asyncio.create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({reader, stopper, background[-1]}, return_when=asyncio.FIRST_COMPLETED)
             if reader in done:
                 reader.result()  # re-raise a crash of the read loop
+            if background[-1] in done:
+                background[-1].result()  # ... or of the sender (a chunk that could not be built)
             return await self._shutdown(reader, building)
         finally:
             stopper.cancel()
@@ -420,6 +454,8 @@ class Pipeline:
             await asyncio.gather(*background, return_exceptions=True)
             await self.client.close()
             await tailer.close()
+            if self._compressor is not None:
+                self._compressor.shutdown(wait=False, cancel_futures=True)
 
     async def _shutdown(self, reader: asyncio.Task[None], building: _Building) -> int:
         """SIGTERM: stop reading, send what was read, wait (bounded) for acks, write the checkpoint."""
@@ -430,6 +466,9 @@ class Pipeline:
         deadline = time.monotonic() + self.settings.shutdown_timeout
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._submit(building), self.settings.shutdown_timeout)
+        if self._outbox is not None:  # every chunk read is with the client before we wait for its acks
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._outbox.join(), max(0.0, deadline - time.monotonic()))
         drained = await self.client.drain(max(0.0, deadline - time.monotonic()))
         await self.checkpoint.close()
         if drained:

@@ -309,15 +309,15 @@ class _Opener:
         self.proxy = proxy
         self.on_step = on_step
         self.protocol = _TunnelProtocol(self.loop)
-        self.transports: list[asyncio.BaseTransport] = []
+        # Typed as asyncio.Transport, but checked by duck typing only: uvloop's transports (and its TLS
+        # transport) do not derive from asyncio's classes.
+        self.transports: list[asyncio.Transport] = []
         self.step: Step = "proxy-connect" if proxy is not None else "connect"
         self._t0 = self.loop.time()
 
     @property
     def transport(self) -> asyncio.Transport:
-        transport = self.transports[-1]
-        assert isinstance(transport, asyncio.Transport)
-        return transport
+        return self.transports[-1]
 
     def _begin(self, step: Step) -> None:
         self.step = step
@@ -344,10 +344,7 @@ class _Opener:
 
     def abort(self) -> None:
         for transport in reversed(self.transports):
-            if isinstance(transport, asyncio.Transport):
-                transport.abort()
-            else:  # pragma: no cover - all transports here are asyncio.Transport
-                transport.close()
+            transport.abort()
 
     async def run(self) -> None:
         if self.proxy is None:

@@ -63,6 +63,8 @@ def test_copy_truncate_logs_the_lost_bytes_and_ships_later_lines(harness: Harnes
     logged_lost = int(match.group(2))
     later = writer.write(200)  # audit.log goes on from its new start
     harness.wait_delivered(later, output, run=run)
+    run.wait_until(lambda: try_metrics(metrics_bind).get("pyforward_truncation_lost_bytes_total") == logged_lost,
+                   what="the lost bytes to be counted in the metrics")
     assert run.terminate() == 0
 
     received = output.refresh()
@@ -103,6 +105,32 @@ def test_copy_truncate_with_a_backup_name_loses_nothing(harness: Harness) -> Non
     assert_delivered(writer.ids, output.refresh(), context="copy-truncate with a recognised copy")
     assert run.find_log(r"bytes that had not been shipped are lost") is None
     assert later
+
+
+def test_truncated_and_rewritten_longer_while_caught_up(harness: Harness) -> None:
+    """The live file is truncated and at once rewritten with more bytes than had been read (a size check alone
+    misses that: fluent-bit #9580): the changed head gives it away, the new lines are shipped from the start,
+    nothing was unread so nothing is reported lost, and no old line is sent again."""
+    receiver = harness.receiver("plain")
+    run = harness.run(harness.run_env(receiver, **SMALL))
+    output = receiver.received()
+    writer = harness.audit_log()
+    old = writer.write(50)
+    harness.wait_delivered(old, output, run=run)
+    old_size = harness.log_path.stat().st_size
+    new_lines = writer.events(100)
+    data = b"".join(new_lines)
+    assert len(data) > old_size
+    with harness.log_path.open("r+b") as f:  # truncate and rewrite in place, before the shipper looks again
+        f.truncate(0)
+        f.write(data)
+    writer.lines.extend(new_lines)
+    writer.ids.extend(audit_id(line) for line in new_lines)
+    match = run.wait_log(r"was truncated or rewritten .*: (\d+) bytes that had not been shipped are lost")
+    assert int(match.group(1)) == 0
+    harness.wait_delivered(writer.ids, output, run=run)
+    assert run.terminate() == 0
+    assert_delivered(writer.ids, output.refresh())
 
 
 # ------------------------------------------------------------------------------------------------ partial lines

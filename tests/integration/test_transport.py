@@ -615,6 +615,38 @@ async def test_reversed_vpn_tls_inside_mtls(
 
 
 @pytest.mark.proxy
+def test_reversed_vpn_under_uvloop(certs: CertFiles, proxy_certs: CertFiles, procs: Processes) -> None:
+    # The `fast` extra runs pyforward on uvloop, whose transports are not asyncio's classes.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main() -> list[str]:
+        server_holder: list[EchoServer] = []
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server_holder[0].handle(reader, writer)
+
+        server = await asyncio.start_server(handle, "127.0.0.1", 0, ssl=server_context(certs, mtls=True))
+        echo_server = EchoServer(server, server.sockets[0].getsockname()[1])
+        server_holder.append(echo_server)
+        try:
+            vpn_port = procs.socat_mtls(procs.tinyproxy([echo_server.port]), proxy_certs)
+            proxy = Proxy(host="127.0.0.1", port=vpn_port, tls=proxy_material(proxy_certs))
+            steps = Steps()
+            reader, writer = await open_stream(
+                Destination("127.0.0.1", echo_server.port, client_material(certs)), proxy, on_step=steps
+            )
+            assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+            await roundtrip(reader, writer, b"uvloop tls in tls" * 10_000)
+            await close(writer)
+            assert echo_server.client_subjects == ["audittailer-client"]
+            return steps.names
+        finally:
+            await echo_server.close()
+
+    assert uvloop.run(main()) == ["proxy-connect", "proxy-tls", "connect-request", "tls"]
+
+
+@pytest.mark.proxy
 @pytest.mark.parametrize("client", ["wrong-ca", "none"])
 async def test_reversed_vpn_rejects_our_client_certificate(
     echo: StartEcho, certs: CertFiles, proxy_certs: CertFiles, procs: Processes, tmp_path: Path, client: str
