@@ -298,7 +298,16 @@ class TLSMaterial:
     def _log_reload_failure(self, exc: CertError) -> None:
         kept = self._loaded
         since = f"loaded {_iso(kept.loaded_at)}, generation {self._generation}" if kept else "none"
-        log.error("%s TLS reload failed, keeping the previous certificates (%s): %s", self.name, since, exc)
+        template = " TLS reload failed, keeping the previous certificates (%s): %s"
+        self._log(logging.ERROR, self.name, template, since, exc)
+
+    def _log(self, level: int, subject: str, template: str, *args: object) -> None:
+        """Log with ``subject`` (what the line is about, e.g. "proxy tls key /x/tls.key") inside the template.
+
+        The rate limiter (logs.py) keys on the template: with the subject as an argument, the receiver's reload
+        failure held back the proxy's (and one CA's expiry the next one's) for 30 s.
+        """
+        log.log(level, subject.replace("%", "%%") + template, *args)
 
     def _install(self, loaded: _Loaded, fingerprint: _Fingerprint) -> None:
         self._loaded = loaded
@@ -396,10 +405,10 @@ class TLSMaterial:
             return
         if mode & (stat.S_IRGRP | stat.S_IROTH):
             # A Kubernetes Secret volume defaults to 0644; defaultMode: 0400 (or 0440 with fsGroup) fixes it.
-            log.warning(
-                "%s tls key %s is readable by group/others (mode %04o); restrict it to the owner (0600/0400)",
-                self.name,
-                shown,
+            self._log(
+                logging.WARNING,
+                f"{self.name} tls key {shown}",
+                " is readable by group/others (mode %04o); restrict it to the owner (0600/0400)",
                 stat.S_IMODE(mode),
             )
 
@@ -407,31 +416,27 @@ class TLSMaterial:
         remaining = info.not_after - now
         if remaining <= timedelta(0):
             # Still loaded: the peer decides (and a CA bundle during rotation may hold an expired old CA).
-            log.log(
+            self._log(
                 logging.ERROR if leaf else logging.WARNING,
-                "%s %s %s (%s) expired at %s",
-                self.name,
-                what,
-                info.path,
+                f"{self.name} {what} {info.path}",
+                " (%s) expired at %s",
                 info.subject,
                 _iso(info.not_after),
             )
         elif remaining <= self.expiry_warning:
-            log.warning(
-                "%s %s %s (%s) expires in %.1f days, at %s",
-                self.name,
-                what,
-                info.path,
+            self._log(
+                logging.WARNING,
+                f"{self.name} {what} {info.path}",
+                " (%s) expires in %.1f days, at %s",
                 info.subject,
                 remaining.total_seconds() / 86400,
                 _iso(info.not_after),
             )
         if info.not_before is not None and info.not_before > now:
-            log.warning(
-                "%s %s %s (%s) is not valid before %s (clock skew?)",
-                self.name,
-                what,
-                info.path,
+            self._log(
+                logging.WARNING,
+                f"{self.name} {what} {info.path}",
+                " (%s) is not valid before %s (clock skew?)",
                 info.subject,
                 _iso(info.not_before),
             )

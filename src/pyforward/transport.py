@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import inspect
 import os
 import re
 import socket
@@ -177,6 +178,40 @@ class Proxy:
             token = base64.b64encode(f"{self.username}:{self.password or ''}".encode()).decode("ascii")
             lines.append(f"Proxy-Authorization: Basic {token}")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8")
+
+
+# -- TLS inside TLS on older CPython ----------------------------------------------------------------------
+
+
+def _backport_gh_113214() -> None:
+    """CPython's fix for gh-113214 (in 3.11.8 and 3.12.2), for the versions before it.
+
+    With TLS inside TLS (the receiver's session inside the reversed VPN's), any failure of the inner handshake
+    -- a certificate that does not verify, a peer that hangs up -- made asyncio's SSLProtocol call
+    ``_abort(exc)`` on the outer one, whose ``_abort()`` took no argument: a TypeError replaced the real error
+    (start_tls() then failed with "connection closed" or the TypeError, and asyncio logged a traceback).
+    The fix lets ``_abort`` take the exception and close the transport below with it.
+    """
+    from asyncio import sslproto
+
+    original = sslproto.SSLProtocol._abort
+    if len(inspect.signature(original).parameters) > 1:
+        return  # a fixed CPython
+
+    def _abort(self: Any, exc: BaseException | None = None) -> None:
+        self._set_state(sslproto.SSLProtocolState.UNWRAPPED)
+        transport: Any = self._transport
+        if transport is not None:
+            force_close = getattr(transport, "_force_close", None)
+            if force_close is not None:
+                force_close(exc)
+            else:
+                transport.abort()
+
+    sslproto.SSLProtocol._abort = _abort  # type: ignore[method-assign]
+
+
+_backport_gh_113214()
 
 
 # -- peer certificates ---------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from tests.harness import (
     assert_delivered,
     free_port,
     holds_for,
+    try_metrics,
     wait_for,
 )
 
@@ -154,7 +155,7 @@ def test_deleted_rotated_file_is_still_shipped(harness: Harness) -> None:
 
 def test_sigterm_restart_resends_nothing(harness: Harness) -> None:
     """SIGTERM after everything was acked, restart, more events (with rotations): each event exactly once."""
-    receiver = harness.receiver("plain")
+    receiver = harness.receiver("tls")  # server-authenticated TLS, no client certificate
     writer = harness.audit_log(max_bytes=100 << 10)
     env = harness.run_env(receiver, **CHUNKS)
     run = harness.run(env)
@@ -187,6 +188,7 @@ def test_sigterm_drains_and_checkpoints_exactly_what_was_acked(harness: Harness)
     assert run.find_log(r"stopped: everything read was acked; checkpoint written")
     received = output.refresh()
     assert 0 < len(received) < len(lines), "SIGTERM came too late to test a drain in the middle"
+    print(f"drained at {len(received)} of {len(lines)}")
     # What arrived is exactly a prefix of the file (chunks are acked in order), each once ...
     assert_delivered(writer.ids[: len(received)], received, context="before the restart")
     # ... and the checkpoint ends exactly after its last line.
@@ -206,7 +208,9 @@ def test_sigterm_with_the_receiver_down_stops_after_the_shutdown_timeout(harness
     the checkpoint stays at what was acked, so after a restart the rest arrives, once."""
     receiver = harness.receiver("plain")
     writer = harness.audit_log()
-    env = harness.run_env(receiver, shutdown_timeout=1, max_inflight_bytes=64 << 10, **CHUNKS)
+    metrics_bind = f"127.0.0.1:{free_port()}"
+    env = harness.run_env(receiver, shutdown_timeout=1, max_inflight_bytes=64 << 10, metrics_bind=metrics_bind,
+                          **CHUNKS)
     run = harness.run(env)
     output = receiver.received()
     acked = writer.write(100)
@@ -217,6 +221,8 @@ def test_sigterm_with_the_receiver_down_stops_after_the_shutdown_timeout(harness
     assert receiver.stop() == 0
     unacked = writer.write(500)
     run.wait_log(r"connection to the receiver failed", level="warning")
+    run.wait_until(lambda: try_metrics(metrics_bind).get("pyforward_inflight_bytes", 0) >= 48 << 10,
+                   what="chunks waiting for their ack")
     started = time.monotonic()
     assert run.terminate() == 0
     assert 1.0 <= time.monotonic() - started < 10

@@ -9,14 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import os
-import shutil
-import signal
-import socket
 import ssl
-import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +28,7 @@ from pyforward.transport import (
     peer_certificate_chain,
 )
 from tests.conftest import CertFiles, free_port, write_certs
+from tests.proxies import Proxies
 from tests.unit.test_certs import SecretVolume, leaf_files
 
 # -- the receiver: a TLS echo server ---------------------------------------------------------------------
@@ -374,127 +370,7 @@ async def test_reloaded_client_certificate_is_used_by_the_next_connection(
 # -- real proxies: tinyproxy and socat -------------------------------------------------------------------
 
 
-def require(binary: str) -> str:
-    path = shutil.which(binary)
-    if path is None:
-        pytest.fail(f"{binary} is not installed (apt-get install tinyproxy socat)")
-    return path
-
-
-@dataclass
-class Process:
-    popen: subprocess.Popen[bytes]
-    log: Path
-    what: str
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            # Own session: socat's forked children go too.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(5)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(5)
-
-
-def connectable(family: int, address: str | tuple[str, int]) -> bool:
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1)
-        try:
-            probe.connect(address)
-        except OSError:
-            return False
-        return True
-
-
-def wait_until(predicate: Callable[[], bool], process: Process, deadline: float = 10.0) -> None:
-    """Poll a condition (a port accepts connections) with a deadline; fail early if the process died."""
-    end = time.monotonic() + deadline
-    while not predicate():
-        if process.popen.poll() is not None:
-            pytest.fail(f"{process.what} exited with {process.popen.returncode}: {process.output()}")
-        if time.monotonic() > end:
-            pytest.fail(f"{process.what} not ready after {deadline} s: {process.output()}")
-        time.sleep(0.005)
-
-
-class Processes:
-    def __init__(self, directory: Path) -> None:
-        self.dir = directory
-        self.started: list[Process] = []
-
-    def start(self, what: str, argv: list[str]) -> Process:
-        log = self.dir / f"{what.replace(' ', '-')}-{len(self.started)}.log"
-        with log.open("wb") as out:
-            popen = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        process = Process(popen, log, what)
-        self.started.append(process)
-        return process
-
-    def tinyproxy(self, connect_ports: list[int], basic_auth: tuple[str, str] | None = None) -> int:
-        binary = require("tinyproxy")
-        port = free_port()
-        conf = self.dir / f"tinyproxy-{port}.conf"
-        lines = [
-            f"Port {port}",
-            "Listen 127.0.0.1",
-            "Timeout 30",
-            "MaxClients 50",
-            "Allow 127.0.0.1",
-            "LogLevel Info",
-            *(f"ConnectPort {p}" for p in connect_ports),
-        ]
-        if basic_auth is not None:
-            lines.append(f"BasicAuth {basic_auth[0]} {basic_auth[1]}")
-        conf.write_text("\n".join(lines) + "\n")
-        process = self.start("tinyproxy", [binary, "-d", "-c", str(conf)])
-        wait_until(lambda: connectable(socket.AF_INET, ("127.0.0.1", port)), process)
-        return port
-
-    def socat_unix(self, upstream_port: int) -> str:
-        binary = require("socat")
-        path = str(self.dir / "konnectivity.sock")
-        process = self.start("socat unix", [binary, f"UNIX-LISTEN:{path},fork", f"TCP:127.0.0.1:{upstream_port}"])
-        wait_until(lambda: os.path.exists(path) and connectable(socket.AF_UNIX, path), process)
-        return path
-
-    def socat_mtls(self, upstream_port: int, proxy_certs: CertFiles) -> int:
-        binary = require("socat")
-        port = free_port()
-        listen = (
-            f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={proxy_certs.server_cert},"
-            f"key={proxy_certs.server_key},cafile={proxy_certs.ca},verify=1"
-        )
-        process = self.start("socat mtls", [binary, listen, f"TCP:127.0.0.1:{upstream_port}"])
-        wait_until(lambda: connectable(socket.AF_INET, ("127.0.0.1", port)), process)
-        return port
-
-    def stop(self) -> None:
-        for process in reversed(self.started):
-            process.stop()
-
-
-@pytest.fixture
-def procs(tmp_path: Path) -> Iterator[Processes]:
-    directory = tmp_path / "procs"
-    directory.mkdir()
-    processes = Processes(directory)
-    yield processes
-    processes.stop()
-
-
-@pytest.fixture
-def proxy_certs(tmp_path: Path) -> CertFiles:
-    """A separate PKI for the proxy (vpn-seed-server): its server cert and our client cert for it."""
-    return write_certs(tmp_path / "proxy", "proxy")
+# Proxy processes (tinyproxy, socat fronts) come from tests/proxies.py via the `proxies` fixture.
 
 
 def proxy_material(certs: CertFiles, *, client_cert: bool = True) -> TLSMaterial:
@@ -502,9 +378,9 @@ def proxy_material(certs: CertFiles, *, client_cert: bool = True) -> TLSMaterial
 
 
 @pytest.mark.proxy
-async def test_tinyproxy_tls_inside_the_tunnel(echo: StartEcho, certs: CertFiles, procs: Processes) -> None:
+async def test_tinyproxy_tls_inside_the_tunnel(echo: StartEcho, certs: CertFiles, proxies: Proxies) -> None:
     server = await echo(server_context(certs, mtls=True))
-    proxy = Proxy(host="127.0.0.1", port=procs.tinyproxy([server.port]))
+    proxy = Proxy(host="127.0.0.1", port=proxies.tinyproxy([server.port]).port)
     steps = Steps()
     reader, writer = await open_stream(
         Destination("127.0.0.1", server.port, client_material(certs)), proxy, on_step=steps
@@ -517,18 +393,18 @@ async def test_tinyproxy_tls_inside_the_tunnel(echo: StartEcho, certs: CertFiles
 
 
 @pytest.mark.proxy
-async def test_tinyproxy_plain_tcp(echo: StartEcho, procs: Processes) -> None:
+async def test_tinyproxy_plain_tcp(echo: StartEcho, proxies: Proxies) -> None:
     server = await echo()
-    proxy = Proxy(host="127.0.0.1", port=procs.tinyproxy([server.port]))
+    proxy = Proxy(host="127.0.0.1", port=proxies.tinyproxy([server.port]).port)
     reader, writer = await open_stream(Destination("127.0.0.1", server.port), proxy)
     await roundtrip(reader, writer, b"plain")
     await close(writer)
 
 
 @pytest.mark.proxy
-async def test_tinyproxy_refuses_a_port_not_allowed(echo: StartEcho, procs: Processes) -> None:
+async def test_tinyproxy_refuses_a_port_not_allowed(echo: StartEcho, proxies: Proxies) -> None:
     server = await echo()
-    proxy_port = procs.tinyproxy([server.port])
+    proxy_port = proxies.tinyproxy([server.port]).port
     other = free_port()
     with pytest.raises(TransportError) as info:
         await open_stream(Destination("127.0.0.1", other), Proxy(host="127.0.0.1", port=proxy_port))
@@ -540,9 +416,9 @@ async def test_tinyproxy_refuses_a_port_not_allowed(echo: StartEcho, procs: Proc
 
 
 @pytest.mark.proxy
-async def test_tinyproxy_basic_auth(echo: StartEcho, certs: CertFiles, procs: Processes) -> None:
+async def test_tinyproxy_basic_auth(echo: StartEcho, certs: CertFiles, proxies: Proxies) -> None:
     server = await echo(server_context(certs))
-    proxy_port = procs.tinyproxy([server.port], basic_auth=("shipper", "hunter2"))
+    proxy_port = proxies.tinyproxy([server.port], basic_auth=("shipper", "hunter2")).port
     dest = Destination("127.0.0.1", server.port, client_material(certs))
 
     with pytest.raises(TransportError) as info:
@@ -568,9 +444,9 @@ async def test_tinyproxy_basic_auth(echo: StartEcho, certs: CertFiles, procs: Pr
 
 
 @pytest.mark.proxy
-async def test_konnectivity_unix_socket(echo: StartEcho, certs: CertFiles, procs: Processes) -> None:
+async def test_konnectivity_unix_socket(echo: StartEcho, certs: CertFiles, proxies: Proxies) -> None:
     server = await echo(server_context(certs, mtls=True))
-    uds = procs.socat_unix(procs.tinyproxy([server.port]))
+    uds = proxies.unix_front(proxies.tinyproxy([server.port])).path
     proxy = Proxy(uds=uds)
     assert proxy.describe() == f"proxy unix:{uds}"
     steps = Steps()
@@ -594,10 +470,10 @@ async def test_missing_unix_socket(tmp_path: Path) -> None:
 
 @pytest.mark.proxy
 async def test_reversed_vpn_tls_inside_mtls(
-    echo: StartEcho, certs: CertFiles, proxy_certs: CertFiles, procs: Processes
+    echo: StartEcho, certs: CertFiles, proxy_certs: CertFiles, proxies: Proxies
 ) -> None:
     server = await echo(server_context(certs, mtls=True))
-    vpn_port = procs.socat_mtls(procs.tinyproxy([server.port]), proxy_certs)
+    vpn_port = proxies.mtls_front(proxies.tinyproxy([server.port]), proxy_certs).port
     proxy = Proxy(host="127.0.0.1", port=vpn_port, tls=proxy_material(proxy_certs))
     assert proxy.describe() == f"proxy 127.0.0.1:{vpn_port} (mTLS)"
     steps = Steps()
@@ -615,7 +491,7 @@ async def test_reversed_vpn_tls_inside_mtls(
 
 
 @pytest.mark.proxy
-def test_reversed_vpn_under_uvloop(certs: CertFiles, proxy_certs: CertFiles, procs: Processes) -> None:
+def test_reversed_vpn_under_uvloop(certs: CertFiles, proxy_certs: CertFiles, proxies: Proxies) -> None:
     # The `fast` extra runs pyforward on uvloop, whose transports are not asyncio's classes.
     uvloop = pytest.importorskip("uvloop")
 
@@ -629,7 +505,7 @@ def test_reversed_vpn_under_uvloop(certs: CertFiles, proxy_certs: CertFiles, pro
         echo_server = EchoServer(server, server.sockets[0].getsockname()[1])
         server_holder.append(echo_server)
         try:
-            vpn_port = procs.socat_mtls(procs.tinyproxy([echo_server.port]), proxy_certs)
+            vpn_port = proxies.mtls_front(proxies.tinyproxy([echo_server.port]), proxy_certs).port
             proxy = Proxy(host="127.0.0.1", port=vpn_port, tls=proxy_material(proxy_certs))
             steps = Steps()
             reader, writer = await open_stream(
@@ -649,10 +525,10 @@ def test_reversed_vpn_under_uvloop(certs: CertFiles, proxy_certs: CertFiles, pro
 @pytest.mark.proxy
 @pytest.mark.parametrize("client", ["wrong-ca", "none"])
 async def test_reversed_vpn_rejects_our_client_certificate(
-    echo: StartEcho, certs: CertFiles, proxy_certs: CertFiles, procs: Processes, tmp_path: Path, client: str
+    echo: StartEcho, certs: CertFiles, proxy_certs: CertFiles, proxies: Proxies, tmp_path: Path, client: str
 ) -> None:
     server = await echo(server_context(certs, mtls=True))
-    vpn_port = procs.socat_mtls(procs.tinyproxy([server.port]), proxy_certs)
+    vpn_port = proxies.mtls_front(proxies.tinyproxy([server.port]), proxy_certs).port
     if client == "wrong-ca":
         # Trusts the proxy's CA, but the client certificate comes from another CA.
         stranger = write_certs(tmp_path / "stranger", "stranger")
@@ -677,10 +553,10 @@ async def test_reversed_vpn_rejects_our_client_certificate(
 
 @pytest.mark.proxy
 async def test_reversed_vpn_with_an_untrusted_proxy_certificate(
-    echo: StartEcho, certs: CertFiles, proxy_certs: CertFiles, procs: Processes
+    echo: StartEcho, certs: CertFiles, proxy_certs: CertFiles, proxies: Proxies
 ) -> None:
     server = await echo(server_context(certs, mtls=True))
-    vpn_port = procs.socat_mtls(procs.tinyproxy([server.port]), proxy_certs)
+    vpn_port = proxies.mtls_front(proxies.tinyproxy([server.port]), proxy_certs).port
     files = TLSFiles(ca_file=certs.ca, cert_file=proxy_certs.client_cert, key_file=proxy_certs.client_key)
     material = TLSMaterial(files, purpose="client", name="proxy")  # trusts the receiver CA, not the proxy's
     material.load()
@@ -692,6 +568,66 @@ async def test_reversed_vpn_with_an_untrusted_proxy_certificate(
         f"TLS to proxy 127.0.0.1:{vpn_port} (mTLS) failed (server name 127.0.0.1): "
         "certificate verify failed: self-signed certificate in certificate chain"
     )
+
+
+@pytest.mark.proxy
+async def test_receiver_closing_during_tls_inside_the_reversed_vpn(
+    certs: CertFiles, proxy_certs: CertFiles, proxies: Proxies
+) -> None:
+    # A receiver (or a tunnel) that goes away during the inner handshake. CPython < 3.11.8 (gh-113214) turned
+    # this into a TypeError from asyncio's SSLProtocol (transport.py backports the fix); it must be a
+    # TransportError of step tls.
+    got_hello = asyncio.Event()
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)  # the ClientHello is on its way: the handshake has begun
+        got_hello.set()
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        vpn_port = proxies.mtls_front(proxies.tinyproxy([port]), proxy_certs).port
+        proxy = Proxy(host="127.0.0.1", port=vpn_port, tls=proxy_material(proxy_certs))
+        for _ in range(3):
+            got_hello.clear()
+            with pytest.raises(TransportError) as info:
+                await open_stream(Destination("127.0.0.1", port, client_material(certs)), proxy, timeout=5)
+            assert info.value.step == "tls", str(info.value)
+            assert str(info.value).startswith(
+                f"TLS to receiver 127.0.0.1:{port} through proxy 127.0.0.1:{vpn_port} (mTLS) failed: "
+            ), str(info.value)
+            assert "during the handshake" in str(info.value) or "EOF" in str(info.value), str(info.value)
+            assert got_hello.is_set()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.proxy
+async def test_receiver_certificate_not_verified_inside_the_reversed_vpn(
+    echo: StartEcho, certs: CertFiles, proxy_certs: CertFiles, proxies: Proxies, tmp_path: Path
+) -> None:
+    # The inner handshake's own error must come through (gh-113214 replaced it with "connection closed").
+    server = await echo(server_context(certs, mtls=True))
+    vpn_port = proxies.mtls_front(proxies.tinyproxy([server.port]), proxy_certs).port
+    proxy = Proxy(host="127.0.0.1", port=vpn_port, tls=proxy_material(proxy_certs))
+    stranger = write_certs(tmp_path / "stranger", "stranger")
+    trusting_another_ca = TLSMaterial(
+        TLSFiles(ca_file=stranger.ca, cert_file=certs.client_cert, key_file=certs.client_key), purpose="client"
+    )
+    trusting_another_ca.load()
+    for material, server_name, reason in (
+        (trusting_another_ca, None, "self-signed certificate in certificate chain"),
+        (client_material(certs), "audittailer", "Hostname mismatch, certificate is not valid for 'audittailer'."),
+    ):
+        with pytest.raises(TransportError) as info:
+            await open_stream(Destination("127.0.0.1", server.port, material, server_name=server_name), proxy)
+        assert info.value.step == "tls"
+        assert str(info.value) == (
+            f"TLS to receiver 127.0.0.1:{server.port} through proxy 127.0.0.1:{vpn_port} (mTLS) failed "
+            f"(server name {server_name or '127.0.0.1'}): certificate verify failed: {reason}"
+        )
 
 
 # -- misbehaving proxies (asyncio fakes) -----------------------------------------------------------------

@@ -121,8 +121,9 @@ def test_node_client_tls(
     assert by_seq(receiver.lines()) == expect_full("interop", events)
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_node_client_mtls_with_shared_key(
-    node: Path, tmp_path: Path, certs: CertFiles, pyforward_receiver: Callable[..., PyforwardReceiver]
+    mode: str, node: Path, tmp_path: Path, certs: CertFiles, pyforward_receiver: Callable[..., PyforwardReceiver]
 ) -> None:
     receiver = pyforward_receiver(
         "--tls-cert", str(certs.server_cert), "--tls-key", str(certs.server_key), "--tls-ca", str(certs.ca),
@@ -132,8 +133,8 @@ def test_node_client_mtls_with_shared_key(
     events = sample_events(30)
     source = write_events(tmp_path / "events.jsonl", events)
     tls = ["--ca", str(certs.ca), "--cert", str(certs.client_cert), "--key", str(certs.client_key)]
-    result = run_node_client(node, "--port", str(receiver.port), "--mode", "CompressedPackedForward",
-                             "--input", str(source), "--ack", "--shared-key", "interop-key", *tls)  # fmt: skip
+    result = run_node_client(node, "--port", str(receiver.port), "--mode", mode, "--input", str(source), "--ack",
+                             "--shared-key", "interop-key", *tls)  # fmt: skip
     assert_ok(result)
     assert by_seq(receiver.lines()) == expect_full("interop", events)
 
