@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,6 +242,11 @@ class AckTracker:
         return self._next_seq - self._base - len(self._acked)
 
     @property
+    def acked_below(self) -> int:
+        """Every sequence number below this is acked (the contiguous prefix)."""
+        return self._base
+
+    @property
     def high_water(self) -> Position | None:
         """End of the contiguous acked prefix (None before the first one)."""
         return self._high_water
@@ -256,8 +262,18 @@ class CheckpointWriter:
     a stale checkpoint only means duplicates after a restart, never loss.
     """
 
-    def __init__(self, path: Path, *, error_log_interval: float = 60.0, retry_delay: float = 5.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        error_log_interval: float = 60.0,
+        retry_delay: float = 5.0,
+        on_settled: Callable[[Position], None] | None = None,
+    ) -> None:
         self.path = path
+        # Called after each write attempt (written or failed) with the position it tried: the pipeline frees
+        # the in-flight budget of what the checkpoint now covers, so a crash re-sends at most that budget.
+        self._on_settled = on_settled
         self._error_log_interval = error_log_interval
         self._retry_delay = retry_delay
         self._pending: Position | None = None
@@ -292,6 +308,8 @@ class CheckpointWriter:
                 self._failed(position, e)
             else:
                 self._succeeded(position)
+            if self._on_settled is not None:
+                self._on_settled(position)
 
     def _succeeded(self, position: Position) -> None:
         self.writes += 1

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -143,9 +144,11 @@ def client_config(settings: Settings) -> ClientConfig:
     )
 
 
-#: Smaller chunks are compressed in the event loop: gzip -1 of 64 KiB takes ~0.2 ms, less than a round trip
-#: through a worker thread costs (and at low rates every chunk is small).
+#: Smaller chunks (source bytes) are compressed in the event loop: gzip -1 of 64 KiB takes ~0.2 ms, less than a
+#: round trip through a worker thread costs here (~0.13 ms of CPU), and at low rates every chunk is small.
 _INLINE_GZIP_BYTES = 64 << 10
+#: Chunks compressing or waiting for the gzip thread: one being compressed while the next is being read.
+_COMPRESS_AHEAD = 2
 
 
 def _build_compressed(tag: str, blob: bytes, records: int, size: int, level: int, seq: int) -> Chunk:
@@ -165,7 +168,7 @@ class Pipeline:
         self.packer = EntryPacker()
         self.encoder = EntryEncoder(self.parser, self.packer)
         self.tracker = AckTracker()
-        self.checkpoint = CheckpointWriter(settings.effective_checkpoint_path)
+        self.checkpoint = CheckpointWriter(settings.effective_checkpoint_path, on_settled=self._checkpointed)
         self.budget = ByteBudget(settings.max_inflight_bytes)
         self.proxy = proxy_from(settings)
         self.tls = tls_material(settings)
@@ -181,12 +184,18 @@ class Pipeline:
         self.acked_position: Position | None = None
         self._tailer: Tailer | None = None
         self._reported: dict[str, int] = {}
+        self._acked_sizes: dict[int, int] = {}  # seq -> source bytes, acked, budget not yet freed
+        self._marks: deque[tuple[Position, int]] = deque()  # checkpoint positions handed to the writer
+        self._released_below = 0  # budget freed for every seq below this
         self._last_ack = 0.0
         # Chunks being built (gzip), in read order; the sender hands them to the client in that order.
         self._outbox: asyncio.Queue[asyncio.Future[Chunk]] | None = None
         # One thread, so chunks leave it in the order they went in. gzip releases the GIL: chunk N is compressed
         # while the loop parses chunk N+1 (awaiting each compression serialised the two: profile in bench/README).
         self._compressor: ThreadPoolExecutor | None = None
+        # Chunks handed to the compressor and not yet compressed: bounded, so that a starved gzip thread holds at
+        # most this many uncompressed chunks in memory, whatever max_inflight_bytes allows.
+        self._compress_slots = asyncio.Semaphore(_COMPRESS_AHEAD)
 
     # --- start-up ------------------------------------------------------------------------------------------
     def check_startup(self) -> Position | None:
@@ -234,11 +243,15 @@ class Pipeline:
 
     # --- acks ----------------------------------------------------------------------------------------------
     def _acked(self, chunk: Chunk, latency: float) -> None:
-        self.budget.release(chunk.size)
         assert isinstance(chunk.position, int)
+        # The budget of an acked chunk is freed only once a checkpoint covering it was written (or failed to
+        # be: shipping goes on with a stale checkpoint). So whatever a crash makes us send again — chunks in
+        # flight, and acked ones the checkpoint did not cover yet — stays within max_inflight_bytes.
+        self._acked_sizes[chunk.position] = chunk.size
         position = self.tracker.ack(chunk.position)
         if position is not None:
             self.acked_position = position
+            self._marks.append((position, self.tracker.acked_below))
             self.checkpoint.update(position)
         if self.metrics is not None:
             self.metrics.records_acked.inc(chunk.records)
@@ -246,6 +259,21 @@ class Pipeline:
             self.metrics.ack_latency.observe(latency)
             self._last_ack = time.time()
             self.metrics.last_ack_timestamp_seconds.set(self._last_ack)
+            self.metrics.inflight_bytes.set(self.budget.used)
+
+    def _checkpointed(self, position: Position) -> None:
+        """A checkpoint write settled: free the budget of the chunks it covers (those acked before it)."""
+        covered = None
+        while self._marks and covered is None:
+            mark, below = self._marks.popleft()
+            if mark is position:
+                covered = below
+        if covered is None:
+            return  # a retry of a position settled before
+        for seq in range(self._released_below, covered):
+            self.budget.release(self._acked_sizes.pop(seq))
+        self._released_below = max(self._released_below, covered)
+        if self.metrics is not None:
             self.metrics.inflight_bytes.set(self.budget.used)
 
     def _connected(self, connected: bool) -> None:
@@ -262,33 +290,38 @@ class Pipeline:
 
     # --- the read loop -------------------------------------------------------------------------------------
     async def _submit(self, building: _Building) -> None:
-        """Close the chunk being built: wait for room under the in-flight bound, then queue it for the sender."""
+        """Close the chunk being built: wait for room under the in-flight bound, then queue it for the sender.
+
+        Cancelled while waiting, the chunk stays in `building` (the shutdown sends it).
+        """
         if not building.entries:
             return
         assert building.end is not None
         assert self._outbox is not None
+        settings = self.settings
+        size = building.size
+        in_thread = settings.compress == "gzip" and size > _INLINE_GZIP_BYTES
+        await self.budget.acquire(size)
+        if in_thread:
+            try:
+                await self._compress_slots.acquire()
+            except asyncio.CancelledError:
+                self.budget.release(size)
+                raise
+        # Nothing waits from here on: the chunk leaves `building` for good.
         records = len(building.entries)
         blob = b"".join(building.entries)
-        size = building.size
+        seq = self.tracker.register(building.end)
         building.entries = []
         building.size = 0
-        await self.budget.acquire(size)
-        seq = self.tracker.register(building.end)
-        settings = self.settings
         future: asyncio.Future[Chunk]
-        if settings.compress == "gzip" and len(blob) > _INLINE_GZIP_BYTES:
+        if in_thread:
             if self._compressor is None:
                 self._compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyforward-gzip")
             future = asyncio.get_running_loop().run_in_executor(
-                self._compressor,
-                _build_compressed,
-                settings.tag,
-                blob,
-                records,
-                size,
-                settings.compress_level,
-                seq,
+                self._compressor, _build_compressed, settings.tag, blob, records, size, settings.compress_level, seq
             )
+            future.add_done_callback(lambda _: self._compress_slots.release())
         else:
             future = asyncio.get_running_loop().create_future()
             compress = settings.compress == "gzip"
@@ -344,21 +377,45 @@ class Pipeline:
                 building.started = time.monotonic() if woke is None else woke
             woke = None
             now = EventTime.now()
-            entries = building.entries
-            if batch.truncated:
-                truncated = dict(batch.truncated)
-                if self.metrics is not None:
-                    self.metrics.truncated_line_bytes.inc(sum(n - len(batch.lines[i]) for i, n in truncated.items()))
-                for index, line in enumerate(batch.lines):
-                    t, record = parse(line, truncated_from=truncated.get(index), now=now)
-                    entries.append(pack(t, record))
-            else:
-                entries.extend([encode(line, now) for line in batch.lines])
-            building.size += batch.size
-            building.end = batch.end
-            self._count(len(batch.lines), batch.size)
-            if building.size >= max_bytes or len(entries) >= max_records:
+            lines = batch.lines
+            truncated = dict(batch.truncated) if batch.truncated else {}
+            if truncated and self.metrics is not None:
+                self.metrics.truncated_line_bytes.inc(sum(n - len(lines[i]) for i, n in truncated.items()))
+            # A batch is cut by source bytes only: with tiny lines it can hold far more than chunk_max_records
+            # lines, and a request above a receiver's entry limit (1,000,000 in fluentd and pyforward receive) is
+            # refused on every retry. So a chunk ends after its max_records-th line, also inside a batch; every
+            # line but a batch's last one ends with a newline, which gives the Position there.
+            offset = batch.end.offset - batch.size  # where the batch starts in its file
+            first = 0
+            while first < len(lines):
+                last = min(len(lines), first + max(max_records - len(building.entries), 1))
+                if truncated:
+                    for index in range(first, last):
+                        t, record = parse(lines[index], truncated_from=truncated.get(index), now=now)
+                        building.entries.append(pack(t, record))
+                else:
+                    building.entries.extend([encode(line, now) for line in lines[first:last]])
+                if last == len(lines):
+                    building.size += batch.end.offset - offset
+                    building.end = batch.end
+                else:
+                    used = sum(truncated.get(i, len(lines[i])) + 1 for i in range(first, last))
+                    offset += used
+                    building.size += used
+                    building.end = Position(file=batch.end.file, offset=offset, path=batch.end.path)
+                    await self._submit(building)
+                    building.started = time.monotonic()
+                first = last
+            self._count(len(lines), batch.size)
+            if building.size >= max_bytes or len(building.entries) >= max_records:
                 await self._submit(building)
+            elif batch.caught_up:  # as a read_batch returning None would say, without its thread round trips
+                wait = building.started + flush - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                else:
+                    await self._submit(building)
+                    woke = await self._idle(tailer)
 
     async def _idle(self, tailer: Tailer) -> float:
         """Wait for the writer; then give it flush_interval to write more. Returns when the write was seen."""
