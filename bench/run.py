@@ -39,9 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from pyforward.auditgen import audit_id, generate_events
-
 ROOT = Path(__file__).resolve().parent.parent
+#: The pyforward source measured (`--src`): put first on sys.path here and on PYTHONPATH of every process, so
+#: that an editable install pointing elsewhere (another checkout) is not what gets measured.
+SRC = ROOT / "src"
 SINK = Path(__file__).resolve().parent / "sink.py"
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 20261126
@@ -160,6 +161,7 @@ class Shipper:
 
     def __init__(self, certs: Any, log_path: Path, workdir: Path, port: int, extra: dict[str, str]) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYFORWARD_")}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
         env.update(
             {
                 "PYFORWARD_LOG_PATH": str(log_path),
@@ -206,7 +208,20 @@ def profiling(pid: int, out: Path | None) -> Iterator[None]:
         yield
         return
     spy = subprocess.Popen(
-        ["py-spy", "record", "--pid", str(pid), "--rate", "250", "--threads", "--gil", "--format", "raw", "-o", str(out)],
+        [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--rate",
+            "250",
+            "--threads",
+            "--gil",
+            "--format",
+            "raw",
+            "-o",
+            str(out),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -227,6 +242,8 @@ def corpus(cache: Path, count: int | None = None, *, min_bytes: int = 0) -> Path
     path = cache / name
     if path.exists():
         return path
+    from pyforward.auditgen import generate_events
+
     cache.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
     size = 0
@@ -309,6 +326,8 @@ def throughput(ctx: Context, log_path: Path, events: int, size: int) -> dict[str
 
 
 def latency(ctx: Context, rate: float, seconds: float) -> dict[str, float]:
+    from pyforward.auditgen import audit_id, generate_events
+
     directory = ctx.workdir / f"latency-{time.monotonic_ns()}"
     directory.mkdir()
     log_path = directory / "audit.log"
@@ -392,7 +411,7 @@ def quantile(ordered: list[float], q: float) -> float:
 def heavy_imports() -> list[str]:
     """Optional heavy modules loaded by importing what `pyforward run` imports (none should be)."""
     code = (
-        "import sys, pyforward.cli, pyforward.pipeline;"
+        f"import sys; sys.path.insert(0, {str(SRC)!r}); import pyforward.cli, pyforward.pipeline;"
         f"print(','.join(m for m in {HEAVY_OPTIONAL!r} if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
@@ -428,8 +447,8 @@ def versions() -> dict[str, str]:
 
 def git_rev() -> str:
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True)
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=SRC, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "."], cwd=SRC, capture_output=True, text=True)
     except OSError:
         return "?"
     return rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
@@ -512,6 +531,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--profile", type=Path, default=None, metavar="DIR", help="py-spy (raw) profiles of throughput and latency here"
     )
+    parser.add_argument(
+        "--src", type=Path, default=SRC, help="the pyforward source tree to measure (default: this checkout's src)"
+    )
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "pyforward-bench-cache")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON results")
     parser.add_argument("--compare", type=Path, default=None, help="a results JSON to show side by side")
@@ -520,6 +542,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    global SRC
+    SRC = args.src.resolve()
+    sys.path.insert(0, str(SRC))
+    import pyforward
+
+    if Path(pyforward.__file__).resolve().parent.parent != SRC:
+        raise SystemExit(f"bench: pyforward was imported from {pyforward.__file__} before --src could apply")
     mode = SMALL if args.small else FULL
     runs = args.runs or mode.runs
     events = args.events or mode.events
@@ -576,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
         "when": stamp,
         "mode": "small" if args.small else "full",
         "git": git_rev(),
+        "src": str(SRC),
         "versions": info,
         "events": events,
         "corpus_bytes": corpus_size,

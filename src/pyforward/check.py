@@ -294,7 +294,7 @@ class _Receiver:
                 data = await self.reader.read(65536)
             except ssl.SSLError as exc:
                 if self.tls and not self.received:
-                    raise EndedAfterTLS(f"TLS alert {exc.reason or exc}") from None
+                    raise EndedAfterTLS(f"TLS alert {(exc.reason or str(exc)).replace('_', ' ').lower()}") from None
                 raise
             except ConnectionResetError:
                 if self.tls and not self.received:

@@ -163,7 +163,12 @@ class ForwardClient:
                 continue
             except (OSError, ProtocolError, TimeoutError, _Reconnect) as exc:
                 self._set_error(_describe(exc))
-                log.warning("connection to the receiver failed: %s; retrying in %.1fs", self.stats.last_error, delay)
+                log.warning(
+                    "connection to the receiver failed: %s; retrying in %.1fs",
+                    self.stats.last_error,
+                    delay,
+                    extra={"rate_key": f"connection failed: {self.stats.last_error}"},
+                )
             except Exception as exc:  # never let the sender die: a bug here must not stop shipping
                 self._set_error(f"{type(exc).__name__}: {exc}")
                 log.exception("unexpected error in the connection; retrying in %.1fs", delay)

@@ -169,6 +169,9 @@ _MIN_TEMPLATE_LETTERS = 6
 def _rate_key_text(record: logging.LogRecord) -> str:
     """The template, unless it is (almost) all placeholders: ``log.warning("%s", line)`` carries distinct messages
     in one template, and holding back the second one because the first had the same "%s" would hide it."""
+    explicit = getattr(record, "rate_key", None)
+    if explicit is not None:  # the caller says what makes two lines "the same" (e.g. the failure, not the delay)
+        return str(explicit)
     template = str(record.msg)
     literal = _PLACEHOLDER.sub("", template)
     if sum(ch.isalpha() for ch in literal) >= _MIN_TEMPLATE_LETTERS:
@@ -193,7 +196,7 @@ def _message(record: logging.LogRecord) -> str:
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in record.__dict__.items() if k not in _RESERVED}
+    return {k: v for k, v in record.__dict__.items() if k not in _RESERVED and k != "rate_key"}
 
 
 def _level_name(record: logging.LogRecord) -> str:

@@ -86,6 +86,8 @@ _READ_SIZE = 256 << 10
 _STREAM_LIMIT = 1 << 20
 # How long a closing connection may take to say goodbye (TLS close_notify) before it is aborted.
 _CLOSE_TIMEOUT = 2.0
+# At the connection cap, a connection idle at least this long is closed to make room for a new one.
+_EVICT_MIN_IDLE = 1.0
 # On shutdown, how long requests being written may take to be written and acked.
 _DRAIN_TIMEOUT = 5.0
 
@@ -126,6 +128,7 @@ class ReceiverStats:
     auth_failures: int = 0
     active_connections: int = 0
     rejected_connections: int = 0
+    evicted_connections: int = 0  # idle connections closed at the cap to make room
     write_errors: int = 0
 
 
@@ -382,8 +385,10 @@ class Receiver:
         self._accepting: list[asyncio.Task[None]] = []
         self._writer: _Writer | None = None
         self._connections: set[asyncio.Task[Any]] = set()
-        # Connections in a state where closing them loses nothing (TLS handshake, waiting for data).
-        self._idle: set[asyncio.Task[Any]] = set()
+        # Connections in a state where closing them loses nothing (TLS handshake, waiting for data), with the
+        # loop time since when: at the connection cap the one idle the longest makes room (slowloris).
+        self._idle: dict[asyncio.Task[Any], float] = {}
+        self._evicted: set[asyncio.Task[Any]] = set()  # cancelled to make room, not finished yet
         self._closed = asyncio.Event()
         self._closing = False
         # Chunk ids acked recently (LRU), and the writes in flight by chunk id: a retry of a chunk still being
@@ -481,7 +486,9 @@ class Receiver:
                 self._ratelimited(logging.ERROR, "accept", "accepting a connection failed: %s", _reason(exc))
                 await asyncio.sleep(0.1)  # not a busy loop while out of file descriptors
                 continue
-            if self._closing or len(self._connections) >= self.config.max_connections:
+            if not self._closing and self._open_connections() >= self.config.max_connections:
+                self._evict_idlest(loop.time())
+            if self._closing or self._open_connections() >= self.config.max_connections:
                 self.stats.rejected_connections += 1
                 self._ratelimited(
                     logging.WARNING,
@@ -495,7 +502,35 @@ class Receiver:
                 continue
             task = loop.create_task(self._connection(sock))
             self._connections.add(task)
-            self._idle.add(task)
+            self._idle[task] = loop.time()
+
+    def _open_connections(self) -> int:
+        return len(self._connections) - len(self._evicted)
+
+    def _evict_idlest(self, now: float) -> None:
+        """At the cap, close the connection that has waited for data the longest (at least _EVICT_MIN_IDLE s).
+
+        Refusing the newcomer instead would let a peer that opens max_connections connections and sends nothing
+        (slowloris) lock every client out for idle_timeout. An idle connection loses nothing when closed: it
+        has no request in progress, and a client with nothing to send just reconnects.
+        """
+        candidates = [(since, task) for task, since in self._idle.items() if task not in self._evicted]
+        if not candidates:
+            return
+        since, victim = min(candidates, key=lambda item: item[0])
+        if now - since < _EVICT_MIN_IDLE:
+            return
+        self._evicted.add(victim)
+        victim.cancel()
+        self.stats.evicted_connections += 1
+        self._ratelimited(
+            logging.WARNING,
+            "connection-cap",
+            "%d connections open (limit %d): closed the one idle the longest (%.0f s) to accept a new one",
+            len(self._connections),
+            self.config.max_connections,
+            now - since,
+        )
 
     async def _connection(self, sock: socket.socket) -> None:
         task = asyncio.current_task()
@@ -518,7 +553,8 @@ class Receiver:
         finally:
             self.stats.active_connections -= 1
             self._connections.discard(task)
-            self._idle.discard(task)
+            self._idle.pop(task, None)
+            self._evicted.discard(task)
             if writer is not None:
                 await self._close_connection(writer)
             else:
@@ -576,7 +612,7 @@ class Receiver:
         while True:
             if self._closing:
                 return
-            self._idle.add(task)
+            self._idle[task] = loop.time()
             if helo is not None:
                 timeout = deadline - loop.time()
                 what = "handshake"
@@ -600,7 +636,7 @@ class Receiver:
                 return
             if not data:
                 return
-            self._idle.discard(task)
+            self._idle.pop(task, None)
             if helo is not None:
                 events = self._decode(decoder, data, peer)
                 if not events:
@@ -969,7 +1005,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=_count(1),
         default=defaults.max_connections,
         metavar="N",
-        help=f"Connections open at once; more are refused (default {defaults.max_connections}).",
+        help=f"Connections open at once (default {defaults.max_connections}). At the cap, the connection idle the "
+        "longest (at least 1 s) is closed to make room; if none is idle, new connections are refused.",
     )
     limits.add_argument(
         "--idle-timeout",

@@ -75,6 +75,7 @@ class LineBatch:
     end: Position  # just after the last line: the checkpoint once this batch is acked
     size: int  # source bytes consumed: newlines and the dropped tails of long lines included
     truncated: list[tuple[int, int]]  # (index into lines, original length) of lines cut to max_line_bytes
+    caught_up: bool = False  # the batch ended at the end of the live file: the next read_batch would return None
 
 
 @dataclass
@@ -420,6 +421,7 @@ class _Batch:
     truncated: list[tuple[int, int]] = field(default_factory=list)
     start: int | None = None  # line boundary in the batch's file where it starts
     end: Position | None = None
+    caught_up: bool = False
 
 
 class Tailer:
@@ -464,6 +466,9 @@ class Tailer:
         self._closed = False
         self._problems = _Problems()
         self._baseline: object = None  # _signature() when the last read_batch began (polling)
+        # The last wait() polled. (If the next one falls back to polling, its stale baseline makes it return at
+        # once: one spurious wakeup, after which read_batch takes baselines again.)
+        self._polled = True
         self._unfinished: _Batch | None = None  # lines cut by a read_batch that was cancelled
         self._inotify: asyncinotify.Inotify | None = None
         self._watched: dict[Path, tuple[int, int]] = {}  # dir -> (dev, ino) watched
@@ -493,7 +498,8 @@ class Tailer:
         # them for the next call, else they would never be shipped.
         batch, self._unfinished = self._unfinished or _Batch(), None
         try:
-            self._baseline = await asyncio.to_thread(self._signature)
+            if self._polled:  # only polling needs the baseline: with inotify, one thread round trip less per read
+                self._baseline = await asyncio.to_thread(self._signature)
             await self._fill(batch, max_bytes)
         except OSError as e:  # keep what was cut already: its position is accounted for
             self._io_problem(e)
@@ -513,7 +519,9 @@ class Tailer:
         self.stats.bytes += size
         self.stats.truncated_lines += len(batch.truncated)
         self.stats.long_line_bytes_dropped += sum(n - max_line for _, n in batch.truncated)
-        return LineBatch(lines=batch.lines, end=batch.end, size=size, truncated=batch.truncated)
+        return LineBatch(
+            lines=batch.lines, end=batch.end, size=size, truncated=batch.truncated, caught_up=batch.caught_up
+        )
 
     async def wait(self, timeout: float | None) -> None:
         """Return when the log may have changed (inotify, else polling every poll_interval) or on timeout.
@@ -523,6 +531,7 @@ class Tailer:
         self._check_open()
         limit = _SAFETY_WAKEUP if timeout is None else min(max(timeout, 0.0), _SAFETY_WAKEUP)
         inotify = self._ensure_inotify()
+        self._polled = inotify is None
         if inotify is not None:
             await self._wait_inotify(inotify, limit)
         else:
@@ -599,6 +608,7 @@ class Tailer:
             elif not src.complete:  # at the end of the live file: is it still the live file?
                 moved, backup = await asyncio.to_thread(self._moved_away, src)
                 if not moved:
+                    batch.caught_up = True
                     return  # caught up
                 src.complete = True
                 src.path = backup or src.path  # for messages and Position.path

@@ -2,15 +2,13 @@
 the network path stalled. Every scenario writes events with unique auditIDs, checks by auditID that each one
 arrived at least once, and bounds the duplicates by what can have been in flight at each fault:
 
-    in flight at one fault <= window chunks x records per chunk
-    records per chunk      <= (chunk_max_bytes + longest line) // shortest line
+    in flight at one fault <= window chunks x chunk_max_records records
 
 (the client never has more than ``window`` chunks unacked on a connection and re-sends only those on the next one;
-a chunk is closed once its source bytes reach chunk_max_bytes, so it holds at most one line more. The
-chunk_max_records cap would give a tighter bound, but the pipeline overshoots it by up to one read batch: see
-test_bad_input.py::test_chunk_max_records_is_a_hard_cap.) For SIGKILL of `pyforward run` the checkpoint also
-trails the acks by one atomic write (two fsyncs), so the events the receiver had beyond the checkpoint on disk at
-each kill are measured and added to the bound.
+chunk_max_records is a hard cap since the chunk is cut inside a read batch, test_bad_input.py::
+test_chunk_max_records_is_a_hard_cap). For SIGKILL of `pyforward run` the checkpoint also trails the acks by one
+atomic write (two fsyncs), so the events the receiver had beyond the checkpoint on disk at each kill are measured
+and added to the bound.
 """
 
 from __future__ import annotations
@@ -21,13 +19,15 @@ import os
 import random
 import signal
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.chaos.conftest import Figures
-from tests.chaos.tools import MODES, Relay, ScriptedReceiver, proc_status
-from tests.harness import AuditWriter, Harness, assert_delivered, free_port, try_metrics, wait_for
+from tests.chaos.tools import MODES, Relay, ScriptedReceiver, at_least, env_for, proc_status
+from tests.harness import AuditWriter, Harness, RunProcess, assert_delivered, free_port, try_metrics, wait_for
 from tests.proxies import proxies_at
 
 WINDOW = 4
@@ -43,10 +43,11 @@ SETTINGS = {
 
 
 def in_flight(lines: list[bytes]) -> int:
-    """Events that one fault can make the client send again (module doc), for the lines a test wrote."""
+    """Events that one fault can make the client send again (module doc), for the lines a test wrote: the window's
+    chunks, each at most chunk_max_records records, and at most (chunk_max_bytes + one line) of source."""
     shortest = min(len(line) for line in lines)
     longest = max(len(line) for line in lines)
-    return WINDOW * ((int(SETTINGS["chunk_max_bytes"]) + longest) // shortest)
+    return WINDOW * min(RECORDS, (int(SETTINGS["chunk_max_bytes"]) + longest) // shortest)
 
 
 def seed_from_env() -> int:
@@ -117,7 +118,7 @@ def test_sigkill_run_20_times_during_one_rotating_stream(harness: Harness, figur
     rng = random.Random(seed)
     receiver = harness.receiver("plain")
     writer = harness.audit_log(max_bytes=rotate, compress=compress)
-    run = harness.run(harness.run_env(receiver, **SETTINGS), start=False)
+    run = harness.run(env_for(harness, receiver, settings=SETTINGS), start=False)
     output = receiver.received()
 
     def arrived(count: int) -> bool:
@@ -177,18 +178,18 @@ def test_receiver_killed_and_restarted_repeatedly(harness: Harness, figures: Fig
     """`pyforward receive` is killed (SIGKILL, and SIGTERM every third time) and restarted on its port while
     `pyforward run` ships a rotating log: nothing is lost, and each kill costs at most the window in duplicates
     (a restarted receiver has forgotten the chunk ids it acked)."""
-    kills, burst, progress_max = {"ci": (6, (10, 40), 300), "long": (25, (50, 150), 3000)}[mode]
+    kills, burst, progress_max = {"ci": (4, (10, 40), 300), "long": (25, (50, 150), 3000)}[mode]
     seed = seed_from_env()
     rng = random.Random(seed)
     receiver = harness.receiver("mtls")
     writer = harness.audit_log(max_bytes=256 << 10)
-    run = harness.run(harness.run_env(receiver, **SETTINGS))
+    run = harness.run(env_for(harness, receiver, settings=SETTINGS))
     output = receiver.received()
     with BackgroundWriter(writer, burst=burst, pause=0.05, seed=seed + 1):
         for kill in range(kills):
             more = rng.randrange(1, progress_max)
             target = len(output.refresh()) + more
-            run.wait_until(lambda t=target: len(output.refresh()) >= t, 60, what=f"kill {kill}: {more} more events")
+            run.wait_until(at_least(lambda: len(output.refresh()), target), 60, what=f"kill {kill}: +{more} events")
             sig = signal.SIGTERM if kill % 3 == 2 else signal.SIGKILL
             code = receiver.stop(sig)
             assert code in (0, -signal.SIGKILL), f"receiver exit code {code}"
@@ -214,15 +215,16 @@ def test_receiver_killed_and_restarted_repeatedly(harness: Harness, figures: Fig
 
 
 def scripted_env(harness: Harness, receiver: ScriptedReceiver, **settings: object) -> dict[str, str]:
-    return harness.run_env(port=receiver.port, **{**SETTINGS, **settings})
+    return env_for(harness, port=receiver.port, settings={**SETTINGS, **settings})
 
 
 @pytest.fixture
-def scripted() -> object:
+def scripted() -> Iterator[Callable[..., ScriptedReceiver]]:
+    """Start scripted receivers (keyword arguments of ScriptedReceiver); all stopped in teardown."""
     started: list[ScriptedReceiver] = []
 
-    def make(**script: object) -> ScriptedReceiver:
-        receiver = ScriptedReceiver(**script).start()  # type: ignore[arg-type]
+    def make(**script: Any) -> ScriptedReceiver:
+        receiver = ScriptedReceiver(**script).start()
         started.append(receiver)
         return receiver
 
@@ -231,9 +233,11 @@ def scripted() -> object:
         receiver.stop()
 
 
-def wait_received(harness: Harness, receiver: ScriptedReceiver, ids: list[str], run: object, timeout: float) -> None:
+def wait_received(
+    harness: Harness, receiver: ScriptedReceiver, ids: list[str], run: RunProcess, timeout: float
+) -> None:
     def done() -> bool:
-        run.check_alive()  # type: ignore[attr-defined]
+        run.check_alive()
         return receiver.has_all(ids)
 
     wait_for(done, timeout, what=f"{len(ids)} events at the scripted receiver",
@@ -242,7 +246,9 @@ def wait_received(harness: Harness, receiver: ScriptedReceiver, ids: list[str], 
 
 @pytest.mark.chaos
 @pytest.mark.parametrize("mode", MODES)
-def test_receiver_closing_before_every_nth_ack(harness: Harness, figures: Figures, scripted, mode: str) -> None:  # type: ignore[no-untyped-def]
+def test_receiver_closing_before_every_nth_ack(
+    harness: Harness, figures: Figures, scripted: Callable[..., ScriptedReceiver], mode: str
+) -> None:
     """Every 5th request, the receiver closes the connection instead of acking (fluentd does that on any error):
     the client reconnects and re-sends; everything arrives, duplicates <= faults x window x records."""
     events = {"ci": 2500, "long": 25000}[mode]
@@ -269,7 +275,9 @@ def test_receiver_closing_before_every_nth_ack(harness: Harness, figures: Figure
 
 @pytest.mark.chaos
 @pytest.mark.parametrize("mode", MODES)
-def test_receiver_that_never_acks(harness: Harness, figures: Figures, scripted, mode: str) -> None:  # type: ignore[no-untyped-def]
+def test_receiver_that_never_acks(
+    harness: Harness, figures: Figures, scripted: Callable[..., ScriptedReceiver], mode: str
+) -> None:
     """A receiver that takes the data and never acks: the client keeps at most the window on the wire, times out
     (PYFORWARD_ACK_TIMEOUT), reconnects and re-sends the same chunks; the checkpoint does not move. Once the
     receiver acks again, everything arrives."""
@@ -299,7 +307,9 @@ def test_receiver_that_never_acks(harness: Harness, figures: Figures, scripted, 
 
 @pytest.mark.chaos
 @pytest.mark.parametrize("mode", MODES)
-def test_receiver_that_acks_slowly(harness: Harness, figures: Figures, scripted, mode: str) -> None:  # type: ignore[no-untyped-def]
+def test_receiver_that_acks_slowly(
+    harness: Harness, figures: Figures, scripted: Callable[..., ScriptedReceiver], mode: str
+) -> None:
     """Acks that take 50 ms each (well within the ack timeout): slower, but no reconnect and no duplicate."""
     events = {"ci": 500, "long": 5000}[mode]
     receiver = scripted(ack_delay=0.05)
@@ -327,7 +337,7 @@ def test_receiver_that_acks_slowly(harness: Harness, figures: Figures, scripted,
 def test_proxy_killed_mid_stream(harness: Harness, figures: Figures, mode: str) -> None:
     """tinyproxy (HTTP CONNECT, TLS to the receiver inside the tunnel) is SIGKILLed mid-stream and restarted on
     its port, repeatedly: `pyforward run` reconnects through it and loses nothing."""
-    kills, burst = {"ci": (3, (10, 40)), "long": (12, (50, 150))}[mode]
+    kills, burst = {"ci": (2, (10, 40)), "long": (12, (50, 150))}[mode]
     receiver = harness.receiver("mtls")
     writer = harness.audit_log(max_bytes=256 << 10)
     output = receiver.received()
@@ -335,17 +345,18 @@ def test_proxy_killed_mid_stream(harness: Harness, figures: Figures, mode: str) 
     with proxies_at(harness.root / "proxies") as proxies:
         proxy = proxies.tinyproxy([receiver.port])
         bind = f"127.0.0.1:{free_port()}"
-        env = harness.run_env(receiver, proxy_host="127.0.0.1", proxy_port=proxy.port, metrics_bind=bind, **SETTINGS)
+        env = env_for(harness, receiver, proxy_host="127.0.0.1", proxy_port=proxy.port, metrics_bind=bind,
+                      settings=SETTINGS)  # fmt: skip
         run = harness.run(env)
         with BackgroundWriter(writer, burst=burst, pause=0.05, seed=1):
             for kill in range(kills):
                 target = len(output.refresh()) + rng.randrange(50, 400)
-                run.wait_until(lambda t=target: len(output.refresh()) >= t, 60, what=f"kill {kill}: progress")
+                run.wait_until(at_least(lambda: len(output.refresh()), target), 60, what=f"kill {kill}: progress")
                 reconnects = metric(bind, "pyforward_reconnects_total")
                 proxy.kill()
                 proxy.start()
                 # The connection through the dead proxy broke: the client is connected again, through the new one.
-                run.wait_until(lambda r=reconnects: metric(bind, "pyforward_reconnects_total") > r, 60,
+                run.wait_until(at_least(lambda: metric(bind, "pyforward_reconnects_total"), reconnects + 1), 60,
                                what=f"kill {kill}: a reconnect through the restarted proxy")  # fmt: skip
         harness.wait_delivered(writer.ids, output, run=run, timeout=120)
         assert proxy.starts == kills + 1
@@ -369,20 +380,20 @@ def test_stalled_network_path(harness: Harness, figures: Figures, mode: str) -> 
     receiver = harness.receiver("plain")
     relay = Relay(receiver.port).start()
     writer = harness.audit_log(max_bytes=256 << 10)
-    run = harness.run(harness.run_env(port=relay.port, ack_timeout=0.5, **SETTINGS))
+    run = harness.run(env_for(harness, port=relay.port, ack_timeout=0.5, settings=SETTINGS))
     output = receiver.received()
     rss_before = 0
     try:
         with BackgroundWriter(writer, burst=burst, pause=0.05, seed=2):
             for stall in range(stalls):
                 target = len(output.refresh()) + 200
-                run.wait_until(lambda t=target: len(output.refresh()) >= t, 60, what=f"stall {stall}: progress")
+                run.wait_until(at_least(lambda: len(output.refresh()), target), 60, what=f"stall {stall}: progress")
                 if not rss_before:
                     rss_before = proc_status(run.pid, "VmRSS")
                 relay.pause()
                 connections = relay.connections
                 # Stalled: at least two ack timeouts, i.e. a reconnect into the stall and a second timeout there.
-                run.wait_until(lambda c=connections: relay.connections >= c + 2, 60,
+                run.wait_until(at_least(lambda: relay.connections, connections + 2), 60,
                                what="two ack timeouts in the stall")  # fmt: skip
                 relay.resume()
         harness.wait_delivered(writer.ids, output, run=run, timeout=120)

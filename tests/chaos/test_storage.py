@@ -21,7 +21,7 @@ import pytest
 
 from tests.chaos.conftest import Figures
 from tests.chaos.test_faults import SETTINGS, checkpoint_doc, in_flight, metric
-from tests.chaos.tools import permissions_apply, unprivileged_run
+from tests.chaos.tools import MODES, env_for, permissions_apply, unprivileged_run
 from tests.harness import AuditWriter, Harness, assert_delivered, free_port
 
 pytestmark = pytest.mark.chaos
@@ -74,7 +74,7 @@ def test_checkpoint_directory_read_only_or_full(harness: Harness, figures: Figur
         receiver = harness.receiver("plain")
         writer = harness.audit_log()
         bind = f"127.0.0.1:{free_port()}"
-        env = harness.run_env(receiver, checkpoint_path=checkpoint, metrics_bind=bind, **SETTINGS)
+        env = env_for(harness, receiver, checkpoint_path=checkpoint, metrics_bind=bind, settings=SETTINGS)
         run = unprivileged_run(harness, env) if fault == "read-only" else harness.run(env)
         output = receiver.received()
         first = writer.write(500)
@@ -123,24 +123,29 @@ CORRUPT = {
     "truncated": b'{"version":1,"file":{"dev":2049,"ino":1234,"fp_len":4096,"fp_h',
     "garbage": bytes(range(256)) * 4,
     "nul-filled": b"\0" * 4096,
+}
+CORRUPT_LONG = {
+    **CORRUPT,
     "wrong-types": b'{"version":1,"file":{"dev":"x","ino":1,"fp_len":1,"fp_hash":"0"},"offset":-5,"path":1}',
     "future-version": b'{"version":99}',
 }
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_corrupt_checkpoint_is_a_clear_startup_error_with_a_documented_recovery(
-    harness: Harness, figures: Figures
+    harness: Harness, figures: Figures, mode: str
 ) -> None:
     """A truncated or garbage checkpoint: exit code 2 and one line naming the file and the recovery, nothing
     shipped; the documented recovery (delete it) then starts from the head and ships everything."""
     receiver = harness.receiver("plain")
     writer = harness.audit_log()
     ids = writer.write(200)
-    env = harness.run_env(receiver, **SETTINGS)
+    env = env_for(harness, receiver, settings=SETTINGS)
     docs = (Path(__file__).parents[2] / "docs" / "operations.md").read_text()
     assert "### Corrupt checkpoint" in docs
     assert "rm /auditlog/.audit.log.pyforward-checkpoint" in docs
-    for name, content in CORRUPT.items():
+    cases = CORRUPT if mode == "ci" else CORRUPT_LONG
+    for name, content in cases.items():
         harness.checkpoint_path.write_bytes(content)
         run = harness.run(env)
         assert run.wait(60) == 2, f"{name}: {run.tail()}"
@@ -159,8 +164,8 @@ def test_corrupt_checkpoint_is_a_clear_startup_error_with_a_documented_recovery(
     assert run.terminate() == 0
     result = assert_delivered(ids, output.refresh())
     figures.update(
-        scenario="checkpoint truncated / garbage / NUL-filled / wrong types / future version",
-        group="storage", faults=len(CORRUPT), written=len(ids), lost=len(result.lost), duplicated=result.duplicated,
+        scenario="checkpoint " + " / ".join(cases),
+        group="storage", faults=len(cases), written=len(ids), lost=len(result.lost), duplicated=result.duplicated,
         bound=0, notes="each: exit 2, one stderr line naming the file and the recovery; after `rm` of the "
         "checkpoint (docs/operations.md) everything shipped once",
     )  # fmt: skip
@@ -172,7 +177,7 @@ def test_log_directory_deleted_and_recreated(harness: Harness, figures: Figures)
     checkpoint is written again in the new directory."""
     receiver = harness.receiver("plain")
     writer = harness.audit_log()  # no rotation here: a backup deleted before it was opened is lost, by definition
-    run = harness.run(harness.run_env(receiver, **SETTINGS))
+    run = harness.run(env_for(harness, receiver, settings=SETTINGS))
     output = receiver.received()
     harness.wait_delivered(writer.write(300), output, run=run)
     writer.write(300)  # maybe not read yet when the directory goes: the open file is still read to its end
@@ -204,7 +209,7 @@ def test_log_replaced_by_a_symlink(harness: Harness, figures: Figures) -> None:
     (the Kubernetes ..data pattern): the old file is read to its end, then the target and its rotated siblings."""
     receiver = harness.receiver("plain")
     writer = harness.audit_log()
-    run = harness.run(harness.run_env(receiver, **SETTINGS))
+    run = harness.run(env_for(harness, receiver, settings=SETTINGS))
     output = receiver.received()
     harness.wait_delivered(writer.write(300), output, run=run)
     writer.write(200)  # maybe unread at the swap
@@ -240,7 +245,7 @@ def test_permission_denied_on_the_log_and_its_directory(harness: Harness, figure
     first = writer.write(100)  # below max_bytes: all in the unreadable live file
     assert writer.rotations == 0
     harness.log_path.chmod(0)
-    run = unprivileged_run(harness, harness.run_env(receiver, **SETTINGS))
+    run = unprivileged_run(harness, env_for(harness, receiver, settings=SETTINGS))
     output = receiver.received()
     error = run.wait_log(r"(?i)cannot read .*audit\.log: permission denied", level="error")
     assert "permission" in error.string.lower()

@@ -40,12 +40,15 @@ from pyforward.protocol import (
     make_helo,
     make_pong,
 )
-from tests.harness import PYTHON, Harness, RunProcess, _popen, wait_for
+from tests.harness import PYTHON, Harness, ReceiverProcess, RunProcess, _popen, wait_for
 
 T = TypeVar("T")
 
 #: Scenario sizes: "ci" runs in every test run; "long" only with --long (the slow marker).
-MODES = [pytest.param("ci", id="ci"), pytest.param("long", id="long", marks=pytest.mark.slow)]
+MODES = [
+    pytest.param("ci", id="ci"),
+    pytest.param("long", id="long", marks=[pytest.mark.slow, pytest.mark.timeout(1800)]),
+]
 
 #: How long a scripted receiver waits on a socket before it gives up on a stuck peer (bounded tests).
 _PEER_TIMEOUT = 60.0
@@ -384,6 +387,26 @@ def unprivileged_run(harness: Harness, env: Mapping[str, str], *, start: bool = 
     if start:
         proc.start()
     return proc
+
+
+def env_for(
+    harness: Harness,
+    receiver: ReceiverProcess | None = None,
+    *,
+    port: int | None = None,
+    settings: Mapping[str, object] | None = None,
+    **more: object,
+) -> dict[str, str]:
+    """:meth:`Harness.run_env` with the settings of a scenario (a mapping) and more as keywords."""
+    env = harness.run_env(receiver, port=port)
+    for name, value in {**(settings or {}), **more}.items():
+        env[f"PYFORWARD_{name.upper()}"] = str(value)
+    return env
+
+
+def at_least(read: Callable[[], float], value: float) -> Callable[[], bool]:
+    """A predicate for wait_for: ``read()`` has reached ``value``."""
+    return lambda: read() >= value
 
 
 def wait_counter(read: Callable[[], float], at_least: float, timeout: float, what: str) -> float:

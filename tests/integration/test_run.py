@@ -44,19 +44,22 @@ def checkpoint_of(harness: Harness) -> dict[str, object]:
 # ------------------------------------------------------------------------------------------------ rotation
 
 
+@pytest.mark.parametrize(
+    "bursts", [pytest.param(6, id="ci"), pytest.param(100, id="long", marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize("compress", [False, True], ids=["plain-backups", "gzip-backups"])
-def test_rotation_while_shipping(harness: Harness, compress: bool) -> None:
+def test_rotation_while_shipping(harness: Harness, compress: bool, bursts: int) -> None:
     """Dozens of lumberjack rotations (rename, new file; gzip of the backup) while shipping: each event once."""
     receiver = harness.receiver("mtls")
     writer = harness.audit_log(max_bytes=48 << 10, compress=compress)
     run = harness.run(harness.run_env(receiver, **CHUNKS))
     output = receiver.received()
-    for _ in range(6):
+    for _ in range(bursts):
         ids = writer.write(400)
-        # Let the shipper catch up between bursts: rotations then also happen while it reads the live file.
+        # The next burst rotates while this one is being shipped (its first event has arrived).
         harness.wait_delivered(ids[:1], output, run=run)
-    harness.wait_delivered(writer.ids, output, run=run)
-    assert writer.rotations >= 40
+    harness.wait_delivered(writer.ids, output, run=run, timeout=60 + bursts)
+    assert writer.rotations >= bursts * 7
     assert run.terminate() == 0
     assert_delivered(writer.ids, output.refresh(), context=f"{writer.rotations} rotations")
 
@@ -121,13 +124,13 @@ def test_rotation_while_stopped_resumes_in_the_rotated_file(harness: Harness, co
 def test_deleted_rotated_file_is_still_shipped(harness: Harness) -> None:
     """A backup being read is deleted (lumberjack maxbackups) while the receiver is down: the shipper holds it
     open, and once the receiver is back every event of it arrives."""
-    port = free_port()
-    receiver = harness.receiver("plain", start=False, port=port)
+    receiver = harness.receiver("plain")
+    receiver.pause()  # down: nothing is acked, the in-flight budget fills, the shipper stops reading
     # Bigger than the tailer's read-ahead (1 MiB) plus the in-flight bound: most of the file is on disk only.
     writer = harness.audit_log(max_bytes=1500 << 10)
     run = harness.run(
-        harness.run_env(port=port, chunk_max_bytes=16 << 10, chunk_max_records=25, max_line_bytes=16 << 10,
-                        max_inflight_bytes=64 << 10)
+        harness.run_env(receiver, chunk_max_bytes=16 << 10, chunk_max_records=25, max_line_bytes=16 << 10,
+                        max_inflight_bytes=64 << 10, ack_timeout=60)
     )
     writer.write(3300)
     assert writer.rotations == 2
@@ -142,11 +145,10 @@ def test_deleted_rotated_file_is_still_shipped(harness: Harness) -> None:
     wait_for(holds_oldest, 30, what=f"pyforward run to open {oldest.name}", diagnostics=harness.describe)
     oldest.unlink()
     wait_for(lambda: f"{oldest} (deleted)" in run.open_files(), 10, what="the deleted backup to stay open")
-    receiver.start()
+    receiver.resume()
     output = receiver.received()
     harness.wait_delivered(writer.ids, output, run=run)
     assert run.terminate() == 0
-    # A retry of a chunk the receiver wrote just before a reconnect is deduplicated by chunk id.
     assert_delivered(writer.ids, output.refresh(), context=f"{len(oldest_ids)} events in the deleted backup")
 
 
@@ -172,29 +174,36 @@ def test_sigterm_restart_resends_nothing(harness: Harness) -> None:
 
 
 def test_sigterm_drains_and_checkpoints_exactly_what_was_acked(harness: Harness) -> None:
-    """SIGTERM in the middle of shipping: stop reading, wait for the acks of what is in flight, exit 0 with the
-    checkpoint at the end of the last acked line; after a restart the rest arrives and nothing is re-sent."""
+    """SIGTERM with chunks in flight: stop reading, wait for their acks, exit 0 with the checkpoint at the end of
+    the last acked line; after a restart the rest arrives and nothing is re-sent."""
     receiver = harness.receiver("plain")
+    receiver.pause()  # accepts connections (kernel backlog) but acks nothing until resumed
     writer = harness.audit_log()  # one file: offsets in the checkpoint map directly to lines
-    # A small in-flight budget: the drain has a bounded amount of work, so SIGTERM lands in the middle.
+    metrics_bind = f"127.0.0.1:{free_port()}"
     env = harness.run_env(receiver, chunk_max_bytes=8 << 10, chunk_max_records=10, window=8, max_line_bytes=16 << 10,
-                          max_inflight_bytes=64 << 10)
-    lines = writer.events(4000)
+                          max_inflight_bytes=64 << 10, ack_timeout=60, metrics_bind=metrics_bind)
+    lines = writer.events(2000)
     writer.write_lines(lines)
     run = harness.run(env)
     output = receiver.received()
-    run.wait_until(lambda: len(output.refresh()) >= 200, what="200 events to arrive")
-    assert run.terminate() == 0
+    run.wait_until(lambda: try_metrics(metrics_bind).get("pyforward_inflight_bytes", 0) >= 56 << 10,
+                   what="the in-flight budget to fill up")
+    assert run.proc is not None
+    run.proc.send_signal(signal.SIGTERM)
+    run.wait_log(r"^stopping: waiting up to \d+s for the acks of what is in flight")
+    receiver.resume()
+    assert run.wait() == 0
     assert run.find_log(r"stopped: everything read was acked; checkpoint written")
     received = output.refresh()
-    assert 0 < len(received) < len(lines), "SIGTERM came too late to test a drain in the middle"
-    print(f"drained at {len(received)} of {len(lines)}")
-    # What arrived is exactly a prefix of the file (chunks are acked in order), each once ...
+    assert 0 < len(received) < len(lines)
+    # What arrived is exactly a prefix of the file (what was read before the SIGTERM), each once ...
     assert_delivered(writer.ids[: len(received)], received, context="before the restart")
+    # ... no more than was read at the SIGTERM: the in-flight budget plus the chunk being filled (up to a line over
+    # chunk_max_bytes) ...
+    assert sum(len(line) for line in lines[: len(received)]) <= (64 << 10) + (8 << 10) + (16 << 10)
     # ... and the checkpoint ends exactly after its last line.
-    end_of_acked = sum(len(line) for line in lines[: len(received)])
     checkpoint = checkpoint_of(harness)
-    assert checkpoint["offset"] == end_of_acked
+    assert checkpoint["offset"] == sum(len(line) for line in lines[: len(received)])
     assert checkpoint["path"] == str(harness.log_path)
 
     run.start()

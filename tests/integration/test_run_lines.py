@@ -40,23 +40,23 @@ def test_copy_truncate_logs_the_lost_bytes_and_ships_later_lines(harness: Harnes
     """copytruncate (logrotate): audit.log is copied to audit.log.1 (a name pyforward does not read) and truncated
     while the shipper is behind. The bytes it never read are logged as lost -- exactly as many as the events that
     never arrived -- and the lines written after the truncation are shipped."""
-    port = free_port()
-    receiver = harness.receiver("plain", start=False, port=port)
+    receiver = harness.receiver("plain")
+    receiver.pause()
     metrics_bind = f"127.0.0.1:{free_port()}"
     writer = harness.audit_log()
-    # Receiver down and a 64 KiB in-flight budget: the shipper reads its first 1 MiB block, fills the budget and
-    # stops reading; the rest of the 2 MB is still only in the file when it is truncated.
+    # Receiver paused (nothing acked) and a 64 KiB in-flight budget: the shipper reads its first 1 MiB block, fills
+    # the budget and stops reading; the rest of the 2 MB is still only in the file when it is truncated.
     lines = writer.events(2000)
     writer.write_lines(lines)
     run = harness.run(
-        harness.run_env(port=port, chunk_max_bytes=16 << 10, chunk_max_records=25, max_line_bytes=16 << 10,
-                        max_inflight_bytes=64 << 10, metrics_bind=metrics_bind)
+        harness.run_env(receiver, chunk_max_bytes=16 << 10, chunk_max_records=25, max_line_bytes=16 << 10,
+                        max_inflight_bytes=64 << 10, ack_timeout=60, metrics_bind=metrics_bind)
     )
     run.wait_until(lambda: try_metrics(metrics_bind).get("pyforward_inflight_bytes", 0) >= 48 << 10,
                    what="the in-flight budget to fill up")
     shutil.copyfile(harness.log_path, harness.logdir / "audit.log.1")
     os.truncate(harness.log_path, 0)
-    receiver.start()
+    receiver.resume()
     output = receiver.received()
     match = run.wait_log(r"was truncated or rewritten \(now \d+ bytes, we had read (\d+)\): (\d+) bytes that had not "
                          r"been shipped are lost", level="warning")
@@ -83,20 +83,20 @@ def test_copy_truncate_logs_the_lost_bytes_and_ships_later_lines(harness: Harnes
 def test_copy_truncate_with_a_backup_name_loses_nothing(harness: Harness) -> None:
     """The same truncation, but the copy carries a rotated-backup name (audit-<time>.log): the shipper reads the
     rest from the copy at its offset, then the truncated live file from its start; nothing is lost or doubled."""
-    port = free_port()
-    receiver = harness.receiver("plain", start=False, port=port)
+    receiver = harness.receiver("plain")
+    receiver.pause()
     metrics_bind = f"127.0.0.1:{free_port()}"
     writer = harness.audit_log()
     writer.write(2000)
     run = harness.run(
-        harness.run_env(port=port, chunk_max_bytes=16 << 10, chunk_max_records=25, max_line_bytes=16 << 10,
-                        max_inflight_bytes=64 << 10, metrics_bind=metrics_bind)
+        harness.run_env(receiver, chunk_max_bytes=16 << 10, chunk_max_records=25, max_line_bytes=16 << 10,
+                        max_inflight_bytes=64 << 10, ack_timeout=60, metrics_bind=metrics_bind)
     )
     run.wait_until(lambda: try_metrics(metrics_bind).get("pyforward_inflight_bytes", 0) >= 48 << 10,
                    what="the in-flight budget to fill up")
     shutil.copyfile(harness.log_path, harness.logdir / "audit-2026-11-26T12-00-00.000.log")
     os.truncate(harness.log_path, 0)
-    receiver.start()
+    receiver.resume()
     output = receiver.received()
     run.wait_log(r"was truncated \(copy-truncate\): reading the rest from its copy", level="warning")
     later = writer.write(200)
