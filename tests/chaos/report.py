@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 from collections import defaultdict
 from datetime import UTC, datetime
@@ -40,9 +41,9 @@ python -m tests.chaos.report /tmp/chaos --append tests/chaos/findings.md -o docs
 Every delivery scenario writes audit events with unique auditIDs and checks, by auditID, that each one arrived at
 least once (**lost** must be 0), counts the extra copies (**duplicated**) and holds them under a **bound** derived
 from the settings it passed: at one fault the client re-sends at most `window` chunks of at most
-`chunk_max_records` records each (window 4 x 25 = 100 events per fault). For SIGKILL of `pyforward run` the
-checkpoint trails the acks by one atomic write, so the events the receiver had beyond the checkpoint on disk at
-each kill are measured and added. Scenario settings: window 4, chunk_max_bytes 32 KiB, chunk_max_records 25,
+`chunk_max_records` records each (window 4 x 25 = 100 events per fault). After a SIGKILL of `pyforward run` the
+restart sends again at most `max_inflight_bytes` of source lines (the budget is freed only once a checkpoint covering
+the chunk was written). Scenario settings: window 4, chunk_max_bytes 32 KiB, chunk_max_records 25,
 max_inflight_bytes 128 KiB, max_line_bytes 64 KiB unless noted. The CI size runs in every test run (the whole
 suite in about two minutes on two busy cores); the long mode with `--long`.
 """
@@ -52,8 +53,12 @@ def _int(value: Any) -> str:
     return f"{value:,}" if isinstance(value, int) else ("" if value is None else str(value))
 
 
+_TMP = re.compile(r"/tmp/pytest-of-[^/]+/pytest-\d+/(?:popen-gw\d+/)?[^/\s'\"]*")
+
+
 def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
+    """A table cell: pytest's temporary paths shortened to <tmp>, pipes escaped, one line."""
+    return _TMP.sub("<tmp>", str(text)).replace("|", "\\|").replace("\n", " ")
 
 
 def load(directory: Path) -> list[dict[str, Any]]:

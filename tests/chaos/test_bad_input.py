@@ -166,7 +166,7 @@ def test_over_a_million_empty_lines_do_not_stop_the_stream(harness: Harness, fig
     assert run.terminate() == 0
     wait_for(lambda: output.refresh() is not None and output.lines >= 1_200_010, 30, what="every empty line")
     figures.update(
-        scenario="1,200,000 empty lines, default chunk settings (run -> receive)", group="bad input",
+        scenario="1,200,000 empty lines, default chunk settings (run -> receive)", group="bad input", mode="long",
         inputs=1_200_000, written=len(ids), lost=0,
         limits=f"{output.lines:,} lines written by the receiver; no request above 10,000 records",
     )  # fmt: skip

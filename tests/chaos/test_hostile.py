@@ -367,7 +367,7 @@ def test_many_tiny_messages_on_one_connection(harness: Harness, figures: Figures
         group="hostile peers", inputs=count,
         limits=f"all acked in order in {seconds:.1f} s ({count / seconds:,.0f}/s); another client acked in "
         f"{good or 0:.2f} s meanwhile; VmRSS {baseline >> 10} MiB before, peak {peak >> 10} MiB "
-        f"({len(payload) >> 20} MiB sent)",
+        f"({len(payload) / 1e6:.1f} MB sent)",
     )  # fmt: skip
 
 
@@ -435,10 +435,10 @@ HOSTILE: dict[str, tuple[dict[str, Any], dict[str, object], str]] = {
     "answers garbage": ({"answer": _garbage}, {}, r"malformed msgpack"),
     "acks unknown chunk ids": ({"answer": _unknown_id}, {}, r"ack for an unknown chunk id"),
     "answers a map that is no ack": ({"answer": _map_not_ack}, {}, r"unexpected map"),
-    "PONG with a wrong digest": (
+    "sends a PONG with a wrong digest": (
         {"shared_key": "the-shared-key", "pong": wrong_digest}, {"shared_key": "the-shared-key"}, r"(?i)digest"
     ),
-    "PONG from our own hostname": (
+    "sends a PONG from our own hostname": (
         {"shared_key": "the-shared-key", "hostname": "pyforward-e2e"}, {"shared_key": "the-shared-key"},
         r"(?i)hostname",
     ),
@@ -479,7 +479,7 @@ def test_run_facing_a_hostile_receiver(harness: Harness, figures: Figures, behav
     finally:
         receiver.stop()
     figures.update(
-        scenario=f"`pyforward run` vs a receiver that {behaviour[0].lower() + behaviour[1:]}",
+        scenario=f"`pyforward run` vs a receiver that {behaviour}",
         group="hostile peers", faults=receiver.connections - 1, written=len(ids), lost=len(result.lost),
         duplicated=result.duplicated, bound=bound,
         limits=f"logged: {failed.string[:90]!r}; checkpoint untouched; no data before the handshake; shipped once "
