@@ -182,7 +182,8 @@ def test_tls_1_1_only_server_is_refused(harness: Harness, figures: Figures) -> N
     with tls11_server(harness.certs) as server:
         if not _can_speak_tls11(server, harness.certs):
             pytest.skip("this OpenSSL cannot complete a TLS 1.1 handshake at all; minimum_version asserted above")
-        assert server.handshakes == 1
+        # the server thread counts the permissive client's handshake a moment after the client sees it done
+        wait_for(lambda: server.handshakes == 1, 10, what="the permissive handshake to be counted")
         writer = harness.audit_log()
         writer.write(20)
         env = harness.run_env(port=server.port, tls="true", tls_ca_file=harness.certs.ca, tls_server_name="localhost")
