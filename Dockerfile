@@ -48,7 +48,9 @@ RUN --mount=type=bind,from=builder,source=/wheels,target=/wheels \
     && pip --python /opt/pyforward/bin/python install --no-cache-dir --no-index --find-links=/wheels \
         "$(find /wheels -name 'pyforward-*.whl' -print -quit)[${EXTRAS}]" \
     && /opt/pyforward/bin/pyforward --version
+# MALLOC_ARENA_MAX=2: glibc's per-thread arenas cost 1-3 MB of RSS for nothing here (bench/README.md).
 ENV PATH=/opt/pyforward/bin:$PATH \
+    MALLOC_ARENA_MAX=2 \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/tmp

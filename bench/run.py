@@ -275,7 +275,7 @@ def floor(lines: list[bytes]) -> dict[str, float]:
 
     ``floor_eps``: RecordParser.parse + EntryPacker.pack_entry (the issue's definition). ``floor_encode_eps``:
     EntryEncoder.encode, the same result by a shorter path, which is what `pyforward run` calls per line; the
-    share of the floor is taken against the faster of the two.
+    target is on the first (the issue's floor); the share of the second is shown as well, and is the stricter.
     """
     from pyforward.protocol import EntryPacker, EventTime
     from pyforward.records import RecordParser
@@ -338,29 +338,16 @@ def latency(ctx: Context, rate: float, seconds: float) -> dict[str, float]:
     ids_file = directory / "acked.txt"
     sink = Sink(ctx.certs, ctx.workdir, expect=len(warmup) + count, ids=ids_file)
     shipper = Shipper(ctx.certs, log_path, ctx.workdir, sink.port, ctx.extra_env)
-    written: dict[str, float] = {}
     try:
         fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
         try:
             os.write(fd, b"".join(warmup))
             sink.wait("first", 60, shipper.alive)
             cpu_start = shipper.sample()[0]
-            # A steady rate: whatever is due is written at once (one write, usually 1-2 lines per ms).
-            start = time.monotonic()
-            index = 0
-            spy = profiling(shipper.proc.pid, ctx.profile_to("latency"))
-            spy.__enter__()
-            while index < count:
-                due = min(count, int((time.monotonic() - start) * rate) + 1)
-                if due > index:
-                    os.write(fd, b"".join(lines[index:due]))
-                    now = time.time()
-                    for line in lines[index:due]:
-                        written[audit_id(line)] = now
-                    index = due
-                time.sleep(0.0005)  # pacing the writer, not synchronisation
-            cpu_steady = shipper.sample()[0] - cpu_start
-            spy.__exit__(None, None, None)
+            started = time.monotonic()
+            with profiling(shipper.proc.pid, ctx.profile_to("latency")):
+                written = write_steadily(fd, lines, rate, audit_id)
+            cpu_share = (shipper.sample()[0] - cpu_start) / (time.monotonic() - started)
         finally:
             os.close(fd)
         sink.wait("done", 30 + seconds, shipper.alive)
@@ -381,8 +368,26 @@ def latency(ctx: Context, rate: float, seconds: float) -> dict[str, float]:
         "latency_p99_ms": quantile(delays, 0.99),
         "latency_max_ms": delays[-1],
         "latency_events": len(delays),
-        "latency_cpu_share": cpu_steady / seconds,
+        "latency_cpu_share": cpu_share,
     }
+
+
+def write_steadily(fd: int, lines: list[bytes], rate: float, key: Callable[[bytes], str]) -> dict[str, float]:
+    """Append `lines` at `rate` lines/s: whatever is due goes in one write (1-2 lines per ms at 1,000/s).
+    Returns key(line) -> time.time() just after the write that held it."""
+    written: dict[str, float] = {}
+    start = time.monotonic()
+    index = 0
+    while index < len(lines):
+        due = min(len(lines), int((time.monotonic() - start) * rate) + 1)
+        if due > index:
+            os.write(fd, b"".join(lines[index:due]))
+            now = time.time()
+            for line in lines[index:due]:
+                written[key(line)] = now
+            index = due
+        time.sleep(0.0005)  # pacing the writer, not synchronisation
+    return written
 
 
 def backlog(ctx: Context, log_path: Path, events: int, size: int, delay: float) -> dict[str, float]:
@@ -459,7 +464,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("floor_eps", "floor: parse + pack_entry (events/s)", "{:,.0f}"),
     ("floor_encode_eps", "floor: EntryEncoder.encode (events/s)", "{:,.0f}"),
     ("throughput_eps", "throughput, TLS + acks + gzip (events/s)", "{:,.0f}"),
-    ("of_floor", "  share of the (faster) floor", "{:.0%}"),
+    ("of_floor", "  share of the floor (parse + pack_entry)", "{:.0%}"),
+    ("of_encode_floor", "  share of the EntryEncoder floor", "{:.0%}"),
     ("throughput_mbps", "  source MB/s", "{:.1f}"),
     ("cpu_us_per_event", "CPU per event, all threads (us)", "{:.1f}"),
     ("peak_rss_mb", "peak RSS shipping the corpus (MB)", "{:.1f}"),
@@ -580,8 +586,9 @@ def main(argv: list[str] | None = None) -> int:
             if "throughput" in only:
                 figures.update(throughput(ctx, corpus_path, events, corpus_size))
                 if "floor_eps" in figures:
-                    best = max(figures["floor_eps"], figures.get("floor_encode_eps", 0.0))
-                    figures["of_floor"] = figures["throughput_eps"] / best
+                    figures["of_floor"] = figures["throughput_eps"] / figures["floor_eps"]
+                if "floor_encode_eps" in figures:
+                    figures["of_encode_floor"] = figures["throughput_eps"] / figures["floor_encode_eps"]
             if "latency" in only:
                 figures.update(latency(ctx, args.rate, seconds))
             if backlog_path is not None:

@@ -20,6 +20,7 @@ import base64
 import enum
 import hashlib
 import hmac
+import importlib
 import os
 import struct
 import time as _time
@@ -298,10 +299,26 @@ def encode_compressed_packed_forward(tag: str, gzipped: bytes, options: Mapping[
     return encode_packed_forward(tag, gzipped, opts)
 
 
+def _isal_zlib() -> Any:
+    """python-isal's zlib-compatible module (ISA-L), when installed (the `fast` extra); else None."""
+    try:
+        return importlib.import_module("isal.isal_zlib")
+    except ImportError:
+        return None
+
+
+_ISAL_ZLIB = _isal_zlib()
+
+
 def gzip_compress(data: bytes, level: int = 1) -> bytes:
-    """One gzip member (RFC 1952 framing via zlib wbits=31). Level 1: the shipper is CPU-bound, not link-bound."""
-    compressor = zlib.compressobj(level, zlib.DEFLATED, 31)
-    return compressor.compress(data) + compressor.flush()
+    """One gzip member (RFC 1952 framing, wbits=31). Level 1: the shipper is CPU-bound, not link-bound.
+
+    At level 1, ISA-L when python-isal is installed: the same format, about a quarter of zlib -1's CPU on audit
+    events and a slightly better ratio (bench/README.md). Like zlib, it releases the GIL while it compresses.
+    """
+    module = _ISAL_ZLIB if level == 1 and _ISAL_ZLIB is not None else zlib
+    compressor = module.compressobj(level, module.DEFLATED, 31)
+    return compressor.compress(data) + compressor.flush()  # type: ignore[no-any-return]
 
 
 @dataclass(slots=True)
