@@ -16,9 +16,9 @@ import time
 from dataclasses import dataclass, field
 from typing import TextIO
 
-from pyforward.certs import CertError, TLSMaterial
+from pyforward.certs import TLSMaterial
 from pyforward.client import ClientConfig
-from pyforward.pipeline import StartupError, client_config, proxy_from, tls_material
+from pyforward.pipeline import StartupError, client_config, connection_material
 from pyforward.protocol import (
     Ack,
     ClientDecoder,
@@ -340,11 +340,8 @@ async def run_check(settings: Settings, *, probe: bool, out: TextIO = sys.stdout
 
     t0 = time.monotonic()
     try:
-        material = tls_material(settings)
-        if material is not None:
-            material.load()
-        proxy = proxy_from(settings)
-    except (CertError, StartupError) as exc:
+        material, proxy = connection_material(settings)
+    except StartupError as exc:
         return report.fail("certificates", time.monotonic() - t0, str(exc))
     report.ok("certificates", time.monotonic() - t0, _describe_material(material, proxy.tls if proxy else None))
     try:

@@ -13,13 +13,13 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from pyforward.atomic import fsync_directory, replace_file
 
 __all__ = [
     "FINGERPRINT_BYTES",
@@ -174,25 +174,8 @@ def save_checkpoint(path: Path, position: Position) -> None:
     Raises OSError (read-only dir, disk full); the previous checkpoint file is then untouched.
     """
     data = json.dumps(_position_to_json(position), separators=(",", ":")).encode() + b"\n"
-    directory = path.parent
-    fd, tmp_name = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    replace_file(path, data)
+    fsync_directory(path.parent)
 
 
 class AckTracker:

@@ -32,13 +32,13 @@ import json
 import logging
 import os
 import random
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pyforward.atomic import fsync_directory, replace_file
 from pyforward.settings import Settings
 
 __all__ = ["Discovery", "Target"]
@@ -723,24 +723,8 @@ def _write_files(directory: Path, files: dict[str, bytes]) -> list[str]:
             same = False
         if same:
             continue
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(content)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        replace_file(path, content)
         written.append(name)
     if written:
-        # The renames are durable only once the directory is synced.
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_directory(directory)  # the renames are durable only once the directory is synced
     return written

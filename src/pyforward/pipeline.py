@@ -81,6 +81,23 @@ def tls_material(settings: Settings) -> TLSMaterial | None:
     )
 
 
+def load_receiver_tls(settings: Settings, material: TLSMaterial | None) -> None:
+    """Load the receiver's TLS files now: a configured but unusable file is a StartupError naming the setting."""
+    if material is None:
+        return
+    try:
+        material.load()
+    except CertError as exc:
+        raise StartupError(f"receiver TLS{_named(settings, exc, 'tls_')}: {exc}") from None
+
+
+def connection_material(settings: Settings) -> tuple[TLSMaterial | None, Proxy | None]:
+    """The receiver's TLS material (loaded) and the proxy, for `send` and `check`; StartupError when unusable."""
+    material = tls_material(settings)
+    load_receiver_tls(settings, material)
+    return material, proxy_from(settings)
+
+
 def _named(settings: Settings, error: CertError, prefix: str) -> str:
     """The setting(s) whose file a CertError is about, as " (PYFORWARD_TLS_CA_FILE)": operators are told which
     setting to fix (CertError names the file and its role only)."""
@@ -200,11 +217,8 @@ class Pipeline:
     # --- start-up ------------------------------------------------------------------------------------------
     def check_startup(self) -> Position | None:
         """Everything that must fail before anything starts: certificates, the checkpoint."""
-        if self.tls is not None and not self.settings.discovery_enabled:
-            try:
-                self.tls.load()
-            except CertError as exc:
-                raise StartupError(f"receiver TLS{_named(self.settings, exc, 'tls_')}: {exc}") from None
+        if not self.settings.discovery_enabled:
+            load_receiver_tls(self.settings, self.tls)
         try:
             return load_checkpoint(self.settings.effective_checkpoint_path)
         except CheckpointError as exc:

@@ -9,9 +9,8 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import IO, Any
 
-from pyforward.certs import CertError
 from pyforward.client import ForwardClient
-from pyforward.pipeline import ByteBudget, StartupError, client_config, proxy_from, tls_material
+from pyforward.pipeline import ByteBudget, StartupError, client_config, connection_material
 from pyforward.protocol import Chunk, EntryPacker, build_chunk
 from pyforward.records import RecordParser, RecordStats
 from pyforward.settings import Settings
@@ -39,11 +38,8 @@ def _lines(stream: IO[bytes], max_line: int) -> Iterator[tuple[bytes, int | None
 async def send_file(settings: Settings, path: str, *, timeout: float, progress: bool) -> int:
     assert settings.host
     try:
-        material = tls_material(settings)
-        if material is not None:
-            material.load()
-        proxy = proxy_from(settings)
-    except (CertError, StartupError) as exc:
+        material, proxy = connection_material(settings)
+    except StartupError as exc:
         print(f"pyforward send: {exc}", file=sys.stderr)
         return 2
     destination = Destination(
