@@ -74,7 +74,7 @@ class FileIdentity:
         """True if `head` (the first bytes of a candidate file) starts with the fingerprinted bytes.
 
         An identity with fp_len 0 (taken of an empty file) matches every head; callers that match on the
-        fingerprint alone must require more (see tailer.py).
+        fingerprint alone must require more (see tail/file.py).
         """
         return len(head) >= self.fp_len and fingerprint(head[: self.fp_len]) == self.fp_hash
 

@@ -26,7 +26,7 @@ from pyforward.client import ClientConfig, ForwardClient, NoDestination, Stream
 from pyforward.protocol import Chunk, EntryPacker, EventTime, build_chunk
 from pyforward.records import EntryEncoder, RecordParser, RecordStats
 from pyforward.settings import Settings, env_name
-from pyforward.tailer import Tailer, TailerStats
+from pyforward.tail import Tailer, TailerStats
 from pyforward.transport import Destination, Proxy, open_stream
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from pyforward.checkpoint import FINGERPRINT_BYTES, Position, load_checkpoint, save_checkpoint
-from pyforward.tailer import LineBatch, Tailer, TailerStats
+from pyforward.tail import LineBatch, Tailer, TailerStats
 
 MiB = 1 << 20
 
@@ -605,7 +605,7 @@ async def test_wait_returns_promptly_on_a_write(
         assert time.monotonic() - written_at < 2
         assert await drain(tailer) == written
     if use_inotify:
-        assert tailer._inotify is not None  # really used inotify, not the poller
+        assert tailer._watcher.inotify is not None  # really used inotify, not the poller
 
 
 async def test_wait_returns_on_timeout(api: Apiserver, make_tailer: Callable[..., Tailer]) -> None:
@@ -673,7 +673,7 @@ CHILD = textwrap.dedent(
     """
     import asyncio, concurrent.futures.thread, logging, os, sys
     from pathlib import Path
-    from pyforward.tailer import Tailer
+    from pyforward.tail import Tailer
 
     if os.geteuid() == 0:  # root reads anything: become nobody after the imports
         os.setgid(65534)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pyforward.tailer import Tailer
+from pyforward.tail import Tailer
 
 LINE = b'{"kind":"Event","n":%d}\n'
 
@@ -65,14 +65,14 @@ async def test_polling_baseline_only_when_polling(
     write(log, 0, 1)
     tailer = Tailer(log, start=None, use_inotify=use_inotify, poll_interval=0.01)
     signatures = 0
-    real = tailer._signature
+    real = tailer._watcher.signature
 
     def counting() -> object:
         nonlocal signatures
         signatures += 1
         return real()
 
-    monkeypatch.setattr(tailer, "_signature", counting)
+    monkeypatch.setattr(tailer._watcher, "signature", counting)
     await tailer.open()
     try:
         assert await tailer.read_batch(1 << 20) is not None

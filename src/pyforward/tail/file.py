@@ -1,0 +1,179 @@
+"""One open file being read: its identity, reading plain and gzip backups (fluent-bit: tail_file.c)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import gzip
+import os
+import stat
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from pyforward.checkpoint import FINGERPRINT_BYTES, FileIdentity
+
+__all__ = [
+    "CorruptGzip",
+    "ReadResult",
+    "Source",
+    "content_match",
+    "open_source",
+    "read_gz",
+    "read_plain",
+    "seek",
+    "tail_offset",
+]
+
+
+def content_match(identity: FileIdentity, head: bytes) -> bool:
+    """Match on content alone (a .gz backup or a copy has a new inode).
+
+    Audit events share their first ~80 bytes ('{"kind":"Event","apiVersion":...'), so a short fingerprint
+    could match a different file: require it to cover a whole line (unique auditID) or the full 4 KiB.
+    """
+    if identity.fp_len == 0 or not identity.matches_head(head):
+        return False
+    return identity.fp_len == FINGERPRINT_BYTES or b"\n" in head[: identity.fp_len]
+
+
+class CorruptGzip(OSError):
+    pass
+
+
+class Source:
+    """An open file being read: the live log, a rotated backup, or a decompressed .gz backup."""
+
+    def __init__(
+        self, path: Path, fd: int, st: os.stat_result, head: bytes, gz: gzip.GzipFile | None,
+        raw: IO[bytes] | None, ts: str | None,
+    ) -> None:  # fmt: skip
+        self.path = path
+        self.fd = fd
+        self.dev = st.st_dev
+        self.ino = st.st_ino
+        self.size = st.st_size  # last size seen (plain files)
+        self.head = bytearray(head[:FINGERPRINT_BYTES])  # first bytes of the file, as far as known
+        self.gz = gz
+        self.raw = raw  # the file object under gz
+        self.ts = ts  # backup timestamp, None for the live file
+        self.complete = ts is not None  # no more bytes will be written (a rotated backup)
+        self.read_off = 0  # next byte to read (decompressed offset for .gz)
+        self.inflight: asyncio.Future[ReadResult] | None = None  # read started by a cancelled call
+        self._identity: FileIdentity | None = None
+        self.closed = False
+
+    def identity(self) -> FileIdentity:
+        if self._identity is None or self._identity.fp_len != len(self.head):
+            self._identity = FileIdentity.of(self.dev, self.ino, bytes(self.head))
+        return self._identity
+
+    def reset_head(self) -> None:
+        self.head = bytearray()
+        self._identity = None
+
+    def add_to_head(self, data: bytes, offset: int) -> None:
+        """Keep the first FINGERPRINT_BYTES as they are read: positions get a fingerprint for free."""
+        have = len(self.head)
+        if have < FINGERPRINT_BYTES and offset <= have < offset + len(data):
+            self.head += data[have - offset : FINGERPRINT_BYTES - offset]
+
+    def same_inode(self, st: os.stat_result) -> bool:
+        return (st.st_dev, st.st_ino) == (self.dev, self.ino)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.gz is not None and self.raw is not None:
+            with contextlib.suppress(Exception):
+                self.gz.close()
+            with contextlib.suppress(OSError):
+                self.raw.close()
+        else:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+
+    def describe(self) -> str:
+        return f"{self.path}{' (compressed)' if self.gz is not None else ''}"
+
+
+def open_source(path: Path, ts: str | None, gz: bool) -> Source:
+    """Open `path` and read its head (decompressed for .gz). Blocking: run in a thread."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    raw: IO[bytes] | None = None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if not gz:
+            return Source(path, fd, st, os.pread(fd, FINGERPRINT_BYTES, 0), None, None, ts)
+        raw = os.fdopen(fd, "rb")
+        archive = gzip.GzipFile(fileobj=raw, mode="rb")
+        try:
+            head = archive.read(FINGERPRINT_BYTES)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise CorruptGzip(errno.EIO, f"cannot decompress: {e}", str(path)) from e
+        return Source(path, fd, st, head, archive, raw, ts)
+    except BaseException:
+        if raw is not None:
+            raw.close()
+        else:
+            os.close(fd)
+        raise
+
+
+@dataclass(slots=True)
+class ReadResult:
+    data: bytes
+    truncated: bool = False
+    size: int = 0
+    error: str | None = None  # a .gz that cannot be decompressed further
+
+
+def read_plain(fd: int, offset: int, n: int, head: bytes | None) -> ReadResult:
+    """Read up to n bytes at offset. With `head` (a file still written to), first and last make sure the
+    file was not truncated or rewritten: its size must not be below offset and it must still start with the
+    bytes we read from it earlier (copy-truncate may refill past our offset before we look: #9580, #4839)."""
+
+    def changed(size: int) -> bool:
+        return size < offset or (bool(head) and os.pread(fd, len(head or b""), 0) != head)
+
+    size = os.fstat(fd).st_size
+    if head is not None and changed(size):
+        return ReadResult(b"", truncated=True, size=size)
+    data = os.pread(fd, n, offset) if size > offset else b""
+    if head is not None and data and changed(os.fstat(fd).st_size):
+        return ReadResult(b"", truncated=True, size=size)
+    return ReadResult(data, size=max(size, offset + len(data)))
+
+
+def read_gz(archive: gzip.GzipFile, n: int) -> ReadResult:
+    try:
+        return ReadResult(archive.read(n))
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        return ReadResult(b"", error=str(e))
+
+
+def seek(src: Source, offset: int) -> int:
+    """Go to offset (decompressing up to it for .gz); returns the offset reached (less at end of file)."""
+    if src.gz is not None:
+        try:
+            return src.gz.seek(offset)
+        except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+            raise CorruptGzip(errno.EIO, f"cannot decompress: {e}", str(src.path)) from e
+    return min(offset, os.fstat(src.fd).st_size)
+
+
+def tail_offset(src: Source, window: int) -> tuple[int, bool]:
+    """Where start_at="tail" begins: after the last complete line. (offset, discard until next newline)."""
+    size = os.fstat(src.fd).st_size
+    start = max(0, size - window)
+    nl = os.pread(src.fd, size - start, start).rfind(b"\n")
+    if nl >= 0:
+        return start + nl + 1, False
+    if start == 0:
+        return 0, False  # the file is one incomplete line: it is new
+    return size, True  # mid-line in a line longer than the window: skip to its end

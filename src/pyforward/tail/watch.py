@@ -1,0 +1,172 @@
+"""Waiting for the log to change: inotify on its directories, else polling (fluent-bit: tail_fs_inotify.c,
+tail_fs_stat.c)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from pyforward.tail.file import Source
+from pyforward.tail.scan import specs
+
+try:  # Linux only (a dependency only there); elsewhere wait() polls
+    import asyncinotify
+
+    _HAVE_INOTIFY = True
+except ImportError:  # pragma: no cover
+    _HAVE_INOTIFY = False
+
+__all__ = ["Watcher", "stat_key"]
+
+log = logging.getLogger("pyforward.tailer")
+
+#: wait() returns at least this often even without any event: inotify can miss changes (queue overflow,
+#: a directory replaced under the watch) and errors such as EACCES are retried only when wait() returns.
+_SAFETY_WAKEUP = 5.0
+
+
+def stat_key(path: Path) -> object:
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        return e.errno
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
+
+
+class Watcher:
+    """Tells the tailer when the log may have changed. `current` gives the file being read (its size is part of
+    what polling compares)."""
+
+    def __init__(
+        self, path: Path, *, poll_interval: float, use_inotify: bool, current: Callable[[], Source | None]
+    ) -> None:
+        self._path = path
+        self._poll_interval = poll_interval
+        self._use_inotify = use_inotify
+        self._current = current
+        self._baseline: object = None  # signature() when the last read_batch began (polling)
+        # The last wait() polled. (If the next one falls back to polling, its stale baseline makes it return at
+        # once: one spurious wakeup, after which read_batch takes baselines again.)
+        self._polled = True
+        self.inotify: asyncinotify.Inotify | None = None
+        self._watched: dict[Path, tuple[int, int]] = {}  # dir -> (dev, ino) watched
+
+    async def mark(self) -> None:
+        """Called as a read begins: a change after this makes the next wait() return."""
+        if self._polled:  # only polling needs the baseline: with inotify, one thread round trip less per read
+            self._baseline = await asyncio.to_thread(self.signature)
+
+    async def wait(self, timeout: float | None) -> None:
+        """Return when the log may have changed (inotify, else polling every poll_interval) or on timeout.
+
+        May return early without a change; the caller just calls read_batch again.
+        """
+        limit = _SAFETY_WAKEUP if timeout is None else min(max(timeout, 0.0), _SAFETY_WAKEUP)
+        inotify = self._ensure_inotify()
+        self._polled = inotify is None
+        if inotify is not None:
+            await self._wait_inotify(inotify, limit)
+        else:
+            await self._wait_poll(limit)
+
+    def close(self) -> None:
+        if self.inotify is not None:
+            self.inotify.close()
+            self.inotify = None
+
+    def signature(self) -> object:
+        """What polling compares: the log, its directories, the size of the open file. Blocking."""
+        parts: list[object] = [stat_key(self._path), stat_key(self._path.parent)]
+        real_parent = Path(os.path.realpath(self._path)).parent
+        if real_parent != self._path.parent:
+            parts.append(stat_key(real_parent))
+        src = self._current()
+        if src is not None and src.gz is None and not src.closed:
+            try:
+                parts.append(os.fstat(src.fd).st_size)
+            except OSError as e:
+                parts.append(e.errno)
+        return tuple(parts)
+
+    async def _wait_poll(self, limit: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        while True:
+            if await asyncio.to_thread(self.signature) != self._baseline:
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            await asyncio.sleep(min(self._poll_interval, remaining))
+
+    def _watch_dirs(self) -> list[Path]:
+        dirs = [self._path.parent]
+        real_parent = Path(os.path.realpath(self._path)).parent
+        if real_parent != Path(os.path.realpath(self._path.parent)):
+            dirs.append(real_parent)
+        return dirs
+
+    def _ensure_inotify(self) -> asyncinotify.Inotify | None:
+        """An inotify watching the log's directories, or None to poll (disabled, unavailable, a dir is
+        missing: inotify cannot watch for a directory to appear)."""
+        if not self._use_inotify:
+            return None
+        if self.inotify is None:
+            if not _HAVE_INOTIFY:
+                log.info("inotify is not available here: polling %s every %ss", self._path, self._poll_interval)
+                self._use_inotify = False
+                return None
+            try:
+                self.inotify = asyncinotify.Inotify(sync_timeout=0)
+            except OSError as e:  # EMFILE: fs.inotify.max_user_instances reached
+                log.warning(
+                    "cannot use inotify (%s): polling %s every %ss", e.strerror, self._path, self._poll_interval
+                )
+                self._use_inotify = False
+                return None
+        Mask = asyncinotify.Mask
+        mask = (
+            Mask.CREATE | Mask.MODIFY | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE | Mask.ATTRIB
+            | Mask.CLOSE_WRITE | Mask.DELETE_SELF | Mask.MOVE_SELF
+        )  # fmt: skip
+        complete = True
+        for directory in self._watch_dirs():
+            try:
+                st = os.stat(directory)
+                key = (st.st_dev, st.st_ino)
+                if self._watched.get(directory) != key:  # new, or deleted and recreated
+                    self.inotify.add_watch(directory, mask)
+                    self._watched[directory] = key
+            except OSError:
+                self._watched.pop(directory, None)
+                complete = False
+        return self.inotify if complete else None
+
+    def _relevant(self, event: asyncinotify.Event) -> bool:
+        Mask = asyncinotify.Mask
+        if Mask.IGNORED in event.mask:  # the watched directory is gone: re-watch once it is back
+            if event.watch is not None:
+                self._watched.pop(event.watch.path, None)
+            return True
+        if event.name is None:
+            return True  # about the directory itself, or queue overflow
+        name = str(event.name)
+        real = Path(os.path.realpath(self._path)).name
+        if name in (self._path.name, real):
+            return True
+        return any(pattern.fullmatch(name) for _, pattern in specs(self._path))
+
+    async def _wait_inotify(self, inotify: asyncinotify.Inotify, limit: float) -> None:
+        # Events queued while we were reading make this return at once: that can be one spurious wakeup,
+        # never a missed one (they are drained below, after which any change makes a new event).
+        try:
+            async with asyncio.timeout(limit):
+                while not self._relevant(await inotify.get()):
+                    pass
+        except TimeoutError:
+            return
+        while (event := inotify.sync_get()) is not None:
+            self._relevant(event)
