@@ -68,12 +68,14 @@ TARGETS: dict[str, tuple[str, float]] = {
     "steady_100_p99_ms": ("max", 100.0),
     "steady_1000_p99_ms": ("max", 100.0),
     "steady_peak_rss_mb": ("max", 52.0),
+    # issue 11 item 5: flat RSS over a soak (after its warm-up; meant for 10 minutes at 1,000 events/s)
+    "soak_growth_mb": ("max", 1.0),
 }
 
 #: Optional modules `pyforward run` must not import unless configured to use them.
 HEAVY_OPTIONAL = ("kubernetes_asyncio", "prometheus_client", "tqdm", "aiofiles", "uvloop")
 
-SCENARIOS = {"floor", "throughput", "latency", "backlog", "steady"}
+SCENARIOS = {"floor", "throughput", "latency", "backlog", "steady", "soak"}
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,17 @@ def proc_status(pid: int, key: str) -> int:
 class Sink:
     """bench/sink.py in its own process; its JSON event lines are read by a thread."""
 
-    def __init__(self, certs: Any, workdir: Path, *, expect: int, ack_delay: float = 0.0, ids: Path | None = None):
+    def __init__(
+        self,
+        certs: Any,
+        workdir: Path,
+        *,
+        expect: int,
+        ack_delay: float = 0.0,
+        ids: Path | None = None,
+        seen: Path | None = None,
+        port: int = 0,
+    ):
         argv = [
             sys.executable,
             str(SINK),
@@ -121,9 +133,12 @@ class Sink:
             "--key", str(certs.server_key),
             "--expect", str(expect),
             "--ack-delay", str(ack_delay),
+            "--port", str(port),
         ]  # fmt: skip
         if ids is not None:
             argv += ["--ids", str(ids)]
+        if seen is not None:
+            argv += ["--seen", str(seen)]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=workdir)
         self.events: dict[str, dict[str, Any]] = {}
         self._cond = threading.Condition()
@@ -429,11 +444,13 @@ class Sampler:
 
     Deadlines, not a sleep per sample, so that the samples do not drift and a window boundary is a sample."""
 
-    def __init__(self, pid: int, start: float, step: float) -> None:
+    def __init__(self, pid: int, start: float, step: float, extra: tuple[str, ...] = ()) -> None:
         self.pid = pid
         self.start = start
         self.step = step
+        self.extra = extra  # more /proc/PID/status fields (RssAnon, Threads, ...), raw numbers, into .extras
         self.samples: list[tuple[float, float, float, float]] = []  # (t - start, cpu s, rss MB, hwm MB)
+        self.extras: list[list[int]] = []
         self._stop = threading.Event()
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -444,10 +461,12 @@ class Sampler:
             cpu = proc_cpu(self.pid)
             rss = proc_status(self.pid, "VmRSS") / 1024
             hwm = proc_status(self.pid, "VmHWM") / 1024
+            extra = [proc_status(self.pid, key) for key in self.extra]
         except (OSError, KeyError):
             return  # the process is gone: the caller finds out from its exit code
         with self._cond:
             self.samples.append((time.monotonic() - self.start, cpu, rss, hwm))
+            self.extras.append(extra)
             self._cond.notify_all()
 
     def _run(self) -> None:
@@ -610,6 +629,181 @@ def steady(ctx: Context, rates: list[float], warmup: float, window: float) -> tu
     return figures, detail
 
 
+def slope_per_hour(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (t seconds, y) points, in y per hour."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    if var == 0:
+        return 0.0
+    return sum((t - mean_t) * (y - mean_y) for t, y in points) / var * 3600
+
+
+def prefill_backups(log_path: Path, count: int) -> None:
+    """`count` empty gzip backups named as lumberjack would, a millisecond apart in 2020 (older than anything the
+    soak rotates): a directory that has kept thousands of backups, without gigabytes to ship first."""
+    import gzip
+
+    empty = gzip.compress(b"", mtime=0)
+    base = _dt.datetime(2020, 1, 1)
+    for index in range(count):
+        stamp = (base + _dt.timedelta(milliseconds=index)).strftime("%Y-%m-%dT%H-%M-%S.%f")[:-3]
+        (log_path.parent / f"{log_path.stem}-{stamp}{log_path.suffix}.gz").write_bytes(empty)
+
+
+class Restarter:
+    """Restarts the sink every `every` seconds on the same port (SIGTERM, then a new process): a receiver that
+    goes away under load (a rollout, a crash), as in issue 11's soaks. The sinks share the --seen bitmap."""
+
+    def __init__(self, sink: Sink, make: Callable[[], Sink], start: float, every: float) -> None:
+        self.sink = sink
+        self.stats: list[dict[str, Any]] = []
+        self._make = make
+        self._start = start
+        self._every = every
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if every > 0:
+            self._thread.start()
+
+    def _run(self) -> None:
+        k = 1
+        try:
+            while not self._stop.wait(max(0.0, self._start + k * self._every - time.monotonic())):
+                self.stats.append(self.sink.stop())
+                self.sink = self._make()
+                k += 1
+        except BaseException as e:  # reported by stop()
+            self._error = e
+
+    def halt(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def stop(self) -> Sink:
+        """No more restarts; the sink now running (raises what went wrong in the thread)."""
+        self.halt()
+        if self._error is not None:
+            raise RuntimeError(f"bench: restarting the sink failed: {self._error}") from self._error
+        return self.sink
+
+
+def soak(
+    ctx: Context,
+    *,
+    seconds: float,
+    rate: float,
+    restart_every: float,
+    backups: int,
+    prefill: int,
+    warmup: float,
+    step: float,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """`pyforward run` for `seconds` at `rate` events/s, the log written through RotatingAuditLog (1 MB files,
+    gzip, `backups` kept, as kube-apiserver's lumberjack), the receiver restarted every `restart_every` s; the
+    shipper's RSS sampled every `step` s; after `warmup`, its growth and least-squares slope. Every event must
+    be acked (distinct auditIDs at the sinks)."""
+    from pyforward.auditgen import RotatingAuditLog, generate_events
+
+    directory = ctx.workdir / f"soak-{time.monotonic_ns()}"
+    directory.mkdir()
+    log_path = directory / "audit.log"
+    prefill_backups(log_path, prefill)
+    total = int(rate * seconds)
+    seen = ctx.workdir / f"soak-seen-{time.monotonic_ns()}.bin"
+    first_sink = Sink(ctx.certs, ctx.workdir, expect=total, seen=seen)
+    port = first_sink.port
+
+    def make() -> Sink:
+        return Sink(ctx.certs, ctx.workdir, expect=total, seen=seen, port=port)
+
+    writer = RotatingAuditLog(log_path, max_bytes=1 << 20, max_backups=backups, compress=True)
+    shipper = Shipper(ctx.certs, log_path, ctx.workdir, port, ctx.extra_env)
+    start = time.monotonic()
+    sampler = Sampler(shipper.proc.pid, start, step, extra=("RssAnon", "RssFile", "Threads"))
+    restarter = Restarter(first_sink, make, start, restart_every)
+    late = 0.0
+    try:
+        print(
+            f"bench: soak {seconds:.0f}s at {rate:g} events/s, receiver restarts every {restart_every:g}s, "
+            f"{backups} backups kept ({prefill} there before), shipper pid {shipper.proc.pid}",
+            flush=True,
+        )
+        with profiling(shipper.proc.pid, ctx.profile_to("soak")):
+            for index, line in enumerate(generate_events(total, seed=SEED + 5, id_prefix="soak-")):
+                delay = start + index / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)  # pacing the writer (absolute deadlines), not synchronisation
+                else:
+                    late = max(late, -delay)
+                writer.write(line)  # one write(2) per event, rotation and gzip inline, as lumberjack
+                if not index % 4096 and not shipper.alive():
+                    raise RuntimeError("bench: pyforward run exited during the soak")
+            writer.close()
+            restarter.stop().wait("done", 120, shipper.alive)
+            sampler.wait_for(seconds, shipper.alive)
+    finally:
+        writer.close()
+        restarter.halt()
+        samples = sampler.stop()
+        code = shipper.stop()
+        last = restarter.sink.stop()
+    if code != 0:
+        raise RuntimeError(f"bench: pyforward run exited {code}")
+    every = [*restarter.stats, last]
+    acked = int.from_bytes(seen.read_bytes(), "little").bit_count()
+    if acked != total:
+        raise RuntimeError(f"bench: soak: {total - acked} of {total} events were never acked")
+    after = [(t, rss) for t, _, rss, _ in samples if t >= warmup]
+    if len(after) < 2:
+        raise RuntimeError(f"bench: soak: {seconds:.0f}s is too short for a {warmup:.0f}s warm-up")
+    t_end, cpu_end, _, hwm = samples[-1]
+    warm = next(i for i, sample in enumerate(samples) if sample[0] >= warmup)
+    t_warm, cpu_warm, _, _ = samples[warm]
+    anon = [(t, extra[0] / 1024) for (t, *_), extra in zip(samples, sampler.extras, strict=True)][warm:]
+    figures = {
+        "soak_rss_start_mb": after[0][1],
+        "soak_rss_end_mb": after[-1][1],
+        "soak_growth_mb": after[-1][1] - after[0][1],
+        "soak_slope_mb_per_hour": slope_per_hour(after),
+        "soak_anon_growth_mb": anon[-1][1] - anon[0][1],
+        "soak_anon_slope_mb_per_hour": slope_per_hour(anon),
+        "soak_peak_rss_mb": hwm,
+        "soak_cpu": (cpu_end - cpu_warm) / (t_end - t_warm),
+        "soak_events": total,
+        "soak_duplicates": sum(s.get("duplicates", 0) for s in every),
+        "soak_restarts": len(restarter.stats),
+        "soak_writer_late_max_s": late,
+    }
+    detail: dict[str, Any] = {
+        "seconds": seconds,
+        "rate": rate,
+        "restart_every_s": restart_every,
+        "backups": backups,
+        "prefilled_backups": prefill,
+        "warmup_s": warmup,
+        "step_s": step,
+        "rotations": writer.rotations,
+        "samples": [[round(t, 2), round(rss, 3)] for t, _, rss, _ in samples],
+        # (t, CPU seconds, VmRSS MB, VmHWM MB, RssAnon kB, RssFile kB, threads): for the investigation
+        "samples_full": [
+            [round(t, 2), round(cpu, 2), round(rss, 3), round(h, 3), *extra]
+            for (t, cpu, rss, h), extra in zip(samples, sampler.extras, strict=True)
+        ],
+        "slope_mb_per_hour": figures["soak_slope_mb_per_hour"],
+        "growth_mb": figures["soak_growth_mb"],
+        "rss_start_mb": figures["soak_rss_start_mb"],
+        "rss_end_mb": figures["soak_rss_end_mb"],
+        "sinks": every,
+    }
+    return figures, detail
+
+
 def quantile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
@@ -703,7 +897,23 @@ def all_rows(keys: set[str]) -> list[tuple[str, str, str]]:
     for label in ordered:
         rows += steady_rows(label)
     rows.append(("steady_peak_rss_mb", "steady: peak RSS over the rates (MB)", "{:.1f}"))
-    return rows
+    return rows + SOAK_ROWS
+
+
+SOAK_ROWS: list[tuple[str, str, str]] = [
+    ("soak_rss_start_mb", "soak: RSS after the warm-up (MB)", "{:.2f}"),
+    ("soak_rss_end_mb", "  RSS at the end (MB)", "{:.2f}"),
+    ("soak_growth_mb", "  growth after the warm-up (MB)", "{:+.2f}"),
+    ("soak_slope_mb_per_hour", "  slope, least squares (MB/hour)", "{:+.2f}"),
+    ("soak_anon_growth_mb", "  of which anonymous memory (RssAnon, MB)", "{:+.2f}"),
+    ("soak_anon_slope_mb_per_hour", "  RssAnon slope (MB/hour)", "{:+.2f}"),
+    ("soak_peak_rss_mb", "  peak RSS, VmHWM (MB)", "{:.1f}"),
+    ("soak_cpu", "  CPU after the warm-up (share of a core)", "{:.1%}"),
+    ("soak_events", "  events, all acked", "{:,.0f}"),
+    ("soak_duplicates", "  duplicates (at-least-once)", "{:,.0f}"),
+    ("soak_restarts", "  receiver restarts", "{:.0f}"),
+    ("soak_writer_late_max_s", "  writer's worst lateness (s)", "{:.2f}"),
+]
 
 
 def target_text(key: str, fmt: str = "") -> str:
@@ -746,7 +956,9 @@ def table(medians: dict[str, float], header: str, compare: dict[str, float] | No
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description="pyforward benchmark (bench/README.md)")
     parser.add_argument("--small", action="store_true", help="quick mode (CI smoke test)")
-    parser.add_argument("--runs", type=int, default=None, help="runs; the table shows medians (default 3, small 1)")
+    parser.add_argument(
+        "--runs", type=int, default=None, help="runs; the table shows medians (default 3, small 1; 1 with soak)"
+    )
     parser.add_argument("--events", type=int, default=None, help="corpus size (default 200,000; small 20,000)")
     parser.add_argument("--backlog-mb", type=int, default=None, help="backlog size (default 1024; small 48)")
     parser.add_argument("--latency-seconds", type=float, default=None, help="steady-rate phase (default 10; small 3)")
@@ -761,10 +973,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--steady-warmup", type=float, default=None, help="steady: warm-up before each window (default 5; small 2)"
     )
+    parser.add_argument("--soak-seconds", type=float, default=600.0, help="soak: duration (default 600)")
+    parser.add_argument("--soak-rate", type=float, default=1000.0, help="soak: events/s (default 1000)")
+    parser.add_argument(
+        "--soak-restart-every", type=float, default=30.0, help="soak: seconds between receiver restarts (0: none)"
+    )
+    parser.add_argument("--soak-backups", type=int, default=5, help="soak: rotated files kept (default 5)")
+    parser.add_argument(
+        "--soak-prefill", type=int, default=0, help="soak: empty gzip backups already there (e.g. 2000)"
+    )
+    parser.add_argument("--soak-warmup", type=float, default=60.0, help="soak: warm-up before growth (default 60)")
+    parser.add_argument("--soak-step", type=float, default=None, help="soak: seconds between RSS samples (5; 1 <2min)")
     parser.add_argument(
         "--only",
         default="floor,throughput,latency,backlog,steady",
-        help="comma-separated scenarios to run (floor, throughput, latency, backlog, steady)",
+        help="comma-separated scenarios to run (floor, throughput, latency, backlog, steady; soak: only if named)",
     )
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra env for pyforward run")
     parser.add_argument(
@@ -789,11 +1012,11 @@ def main(argv: list[str] | None = None) -> int:
     if Path(pyforward.__file__).resolve().parent.parent != SRC:
         raise SystemExit(f"bench: pyforward was imported from {pyforward.__file__} before --src could apply")
     mode = SMALL if args.small else FULL
-    runs = args.runs or mode.runs
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    runs = args.runs or (1 if "soak" in only else mode.runs)  # a soak is long: once, unless --runs says
     events = args.events or mode.events
     backlog_bytes = (args.backlog_mb << 20) if args.backlog_mb else mode.backlog_bytes
     seconds = args.latency_seconds or mode.latency_seconds
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
     unknown = only - SCENARIOS
     if unknown:
         known = ", ".join(sorted(SCENARIOS))
@@ -802,6 +1025,7 @@ def main(argv: list[str] | None = None) -> int:
     steady_warmup = mode.steady_warmup if args.steady_warmup is None else args.steady_warmup
     steady_seconds = args.steady_seconds or mode.steady_seconds
     steady_detail: list[dict[str, Any]] = []
+    soak_detail: list[dict[str, Any]] = []
     extra_env = dict(item.split("=", 1) for item in args.env)
     compare = json.loads(args.compare.read_text())["medians"] if args.compare else None
 
@@ -838,6 +1062,19 @@ def main(argv: list[str] | None = None) -> int:
                 steady_figures, detail = steady(ctx, steady_rates, steady_warmup, steady_seconds)
                 figures.update(steady_figures)
                 steady_detail.append(detail)
+            if "soak" in only:
+                soak_figures, detail = soak(
+                    ctx,
+                    seconds=args.soak_seconds,
+                    rate=args.soak_rate,
+                    restart_every=args.soak_restart_every,
+                    backups=args.soak_backups,
+                    prefill=args.soak_prefill,
+                    warmup=args.soak_warmup,
+                    step=args.soak_step or (5.0 if args.soak_seconds >= 120 else 1.0),
+                )
+                figures.update(soak_figures)
+                soak_detail.append(detail)
             per_run.append(figures)
             shown = ", ".join(f"{k}={v:,.4g}" for k, v in figures.items())
             print(f"bench: run {run + 1}/{runs}: {shown}", flush=True)
@@ -881,6 +1118,8 @@ def main(argv: list[str] | None = None) -> int:
         steady_result["runs"] = [{k: {n: v for n, v in d.items() if n not in ("samples", "latency_histogram")}
                                   for k, d in run["rates"].items()} for run in steady_detail]  # fmt: skip
         result["steady"] = steady_result
+    if soak_detail:
+        result["soak"] = soak_detail[0] if len(soak_detail) == 1 else {**soak_detail[0], "runs": soak_detail}
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{stamp}-{result['mode']}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
