@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
+import socket
 import ssl
+import struct
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -391,3 +395,45 @@ async def test_reconnect_resends_unacked_on_the_new_connection() -> None:
         await client.close()
     assert sorted(acked) == [0, 1]
     assert state.connections == 2
+
+
+async def test_a_connection_reset_by_the_receiver_is_freed_at_once() -> None:
+    """The StreamReader of a connection that died keeps its error, whose traceback keeps the frames that hold
+    the reader: cyclic garbage, with the decoder's buffer and the transports. The shipper makes so few container
+    objects that the collector's older generations seldom run, and RSS grew with every reconnect (issue 11
+    item 5): the client collects when a connection ends. With automatic collection off, the first connection's
+    reader must be gone once the second one has acked everything."""
+    readers: list[weakref.ref[asyncio.StreamReader]] = []
+
+    async def connect() -> Stream:
+        reader, writer = await asyncio.open_connection("127.0.0.1", state.port)
+        readers.append(weakref.ref(reader))
+        return reader, writer
+
+    async def handler(conn: Conn) -> None:
+        if state.connections == 1:
+            await conn.next_events()
+            sock = conn.writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a RST
+            conn.writer.transport.abort()
+            return
+        await acking(conn)
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        async with scripted(handler) as state:
+            acked: list[int] = []
+            client = ForwardClient(connect, fast_config(), on_ack=collect(acked))
+            client.start()
+            for chunk in make_chunks(2):
+                client.submit(chunk)
+            assert await client.drain(10), f"not drained: {client.stats}"
+            await client.close()
+        assert sorted(acked) == [0, 1]
+        assert client.stats.connects == 2, client.stats
+        assert "reset" in client.stats.last_error.lower(), client.stats.last_error
+        assert readers[0]() is None, "the first connection's StreamReader is still alive (cyclic garbage)"
+    finally:
+        if enabled:
+            gc.enable()
