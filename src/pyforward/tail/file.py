@@ -144,7 +144,10 @@ def read_plain(fd: int, offset: int, n: int, head: bytes | None) -> ReadResult:
     size = os.fstat(fd).st_size
     if head is not None and changed(size):
         return ReadResult(b"", truncated=True, size=size)
-    data = os.pread(fd, n, offset) if size > offset else b""
+    # At most what the file holds: os.pread allocates all `n` bytes before it shrinks the result to what was
+    # read, and a caught-up tailer reads a few KiB at a time. A 1 MiB allocation shrunk in place left a hole in
+    # glibc's heap at every read, and RSS grew over hours (issue 11 item 5, bench/README.md "soak").
+    data = os.pread(fd, min(n, size - offset), offset) if size > offset else b""
     if head is not None and data and changed(os.fstat(fd).st_size):
         return ReadResult(b"", truncated=True, size=size)
     return ReadResult(data, size=max(size, offset + len(data)))
