@@ -1122,6 +1122,8 @@ def main(argv: list[str] | None = None) -> int:
         result["soak"] = soak_detail[0] if len(soak_detail) == 1 else {**soak_detail[0], "runs": soak_detail}
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{stamp}-{result['mode']}.json"
+    if out.exists():  # two benches that ended in the same second (a soak beside another one)
+        out = out.with_name(f"{stamp}-{result['mode']}-{os.getpid()}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"bench: results in {out}")
     return 0
