@@ -644,7 +644,8 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float:
 
 def prefill_backups(log_path: Path, count: int) -> None:
     """`count` empty gzip backups named as lumberjack would, a millisecond apart in 2020 (older than anything the
-    soak rotates): a directory that has kept thousands of backups, without gigabytes to ship first."""
+    soak rotates): a directory that has kept thousands of backups, without gigabytes to ship first (and the
+    shipper is given a checkpoint in the live file: it has shipped them already)."""
     import gzip
 
     empty = gzip.compress(b"", mtime=0)
@@ -723,7 +724,17 @@ def soak(
         return Sink(ctx.certs, ctx.workdir, expect=total, seen=seen, port=port)
 
     writer = RotatingAuditLog(log_path, max_bytes=1 << 20, max_backups=backups, compress=True)
-    shipper = Shipper(ctx.certs, log_path, ctx.workdir, port, ctx.extra_env)
+    env = dict(ctx.extra_env)
+    if prefill:
+        # A sidecar that has been running: its checkpoint names the live file, so that it starts there instead
+        # of reading the (empty) prefilled backups one by one while the writer runs ahead of it.
+        from pyforward.checkpoint import FileIdentity, Position, save_checkpoint
+
+        checkpoint = directory / "checkpoint.json"
+        st = log_path.stat()
+        save_checkpoint(checkpoint, Position(FileIdentity.of(st.st_dev, st.st_ino, b""), 0, str(log_path)))
+        env.setdefault("PYFORWARD_CHECKPOINT_PATH", str(checkpoint))
+    shipper = Shipper(ctx.certs, log_path, ctx.workdir, port, env)
     start = time.monotonic()
     sampler = Sampler(shipper.proc.pid, start, step, extra=("RssAnon", "RssFile", "Threads"))
     restarter = Restarter(first_sink, make, start, restart_every)
