@@ -44,8 +44,8 @@ async def replace_file_async(path: Path, data: bytes) -> None:
     """:func:`replace_file` then :func:`fsync_directory`, from the event loop: every blocking step (create, write,
     fsync, rename, directory fsync) runs in aiofiles' worker threads, so a slow disk never stalls the loop.
 
-    The checkpoint (at most one write a second at steady rates, see checkpoint.py) and the Secret's files (when the
-    Secret changes) are written this way; aiofiles is imported on the first write, not at start-up.
+    The Secret's files (when the Secret changes) are written this way; aiofiles is imported on the first write, not at
+    start-up. (The checkpoint is not: one thread round trip for its whole save is cheaper, see checkpoint.py.)
     """
     import aiofiles.os
     import aiofiles.tempfile

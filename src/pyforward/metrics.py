@@ -88,7 +88,8 @@ class Metrics:
         )
         self.ack_latency = Histogram(
             "pyforward_ack_latency_seconds",
-            "Seconds from writing a chunk to receiving its ack.",
+            "Seconds from writing a chunk to reading its ack. At steady rates acks are read at the next look at the "
+            "log, up to flush_interval later (no wakeup per ack).",
             buckets=ACK_LATENCY_BUCKETS,
             registry=r,
         )

@@ -71,6 +71,7 @@ class _Building:
     entries: list[bytes]
     size: int = 0
     due: float = 0.0  # monotonic time by which it leaves (its first line waited the latency budget then)
+    batched: bool = False  # its lines came while the writer was writing steadily (not after a quiet spell)
     end: Position | None = None
 
 
@@ -166,9 +167,10 @@ def client_config(settings: Settings) -> ClientConfig:
     )
 
 
-#: Smaller chunks (source bytes) are compressed in the event loop: gzip -1 of 64 KiB takes ~0.2 ms, less than a
-#: round trip through a worker thread costs here (~0.13 ms of CPU), and at low rates every chunk is small.
-_INLINE_GZIP_BYTES = 64 << 10
+#: Smaller chunks (source bytes) are compressed in the event loop: ISA-L gzip of 256 KiB takes ~0.3 ms, about what a
+#: round trip through a worker thread costs here in CPU and wakeups, and at steady rates every chunk is smaller (a
+#: latency budget at 1,000 events/s is ~80 KiB). Bulk chunks (1 MiB) overlap with parsing in the gzip thread.
+_INLINE_GZIP_BYTES = 256 << 10
 #: Chunks compressing or waiting for the gzip thread: one being compressed while the next is being read.
 _COMPRESS_AHEAD = 2
 
@@ -214,6 +216,7 @@ class Pipeline:
         self._released_below = 0  # budget freed for every seq below this
         self._last_ack = 0.0
         self._last_data = float("-inf")  # monotonic time of the last read that returned lines
+        self._quiet = False  # the last wait for the writer ended after a quiet spell: ship the next lines at once
         # Chunks being built (gzip), in read order; the sender hands them to the client in that order.
         self._outbox: asyncio.Queue[asyncio.Future[Chunk]] | None = None
         self._compressing = 0  # chunks in the outbox or being awaited by the sender: later chunks queue behind them
@@ -411,7 +414,9 @@ class Pipeline:
             self._last_data = time.monotonic()
             if not building.entries:
                 building.due = due if due is not None else self._last_data + budget
+                building.batched = not self._quiet and budget > 0
             due = None
+            self._quiet = False
             now = EventTime.now()
             lines = batch.lines
             truncated = dict(batch.truncated) if batch.truncated else {}
@@ -449,18 +454,32 @@ class Pipeline:
                 due = await self._settle(tailer, building)
 
     async def _settle(self, tailer: Tailer, building: _Building) -> float | None:
-        """Caught up: sleep until the chunk being built is due (then read once more and return None), or send it and
-        wait for the writer (then return when the lines written meanwhile are due)."""
+        """Caught up: sleep until the chunk being built is due (then read once more and return None); or send it and
+        wait for the writer. Returns when the lines of the next read are due."""
+        budget = self.settings.flush_interval
         if building.entries:
             wait = building.due - time.monotonic()
             if wait > 0:  # the lines written until the chunk is due are read in one go then
                 await asyncio.sleep(wait)
                 return None
+            batched = building.batched
             await self._submit(building)
+            if batched:
+                # The writer is writing steadily (this chunk waited the budget for its lines): look again one budget
+                # later rather than wait for inotify. What was written meanwhile has waited at most the budget then
+                # and leaves at once; one timer wakeup a chunk instead of an inotify wakeup, its events and a timer (in
+                # this VM each wakeup costs ~0.2 ms of CPU, most of a chunk's cost: issue 11). If nothing was written,
+                # the next read_batch says so and the loop waits for the writer. The chunk's ack is read then too.
+                self.client.hold_acks(asyncio.get_running_loop().time() + budget)
+                await asyncio.sleep(budget)
+                # One loop iteration for the socket, watched again now, to hand over the acks before the next hold
+                # (holding again in this step would cancel the read the loop has just been told about).
+                await asyncio.sleep(0)
+                return time.monotonic()
         await tailer.wait(None)
         woke = time.monotonic()
-        budget = self.settings.flush_interval
         if woke - self._last_data >= budget:
+            self._quiet = True
             return woke  # a write after a quiet spell: nothing to batch it with, ship it at once
         await asyncio.sleep(budget)  # the writer goes on meanwhile: one read, one chunk for all of it
         return woke + budget

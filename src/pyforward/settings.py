@@ -134,7 +134,7 @@ class Settings(BaseSettings):
         10_000, ge=1, description="Records per chunk.", json_schema_extra=_group("records")
     )
     flush_interval: float = Field(
-        0.05,
+        0.075,
         ge=0,
         description="Latency budget: the longest a line waits for its chunk to fill once the log is caught up (a "
         "line after a quiet spell leaves at once). Longer: fewer, larger chunks, less CPU at steady rates.",

@@ -40,7 +40,7 @@ _T = TypeVar("_T")
 _PROBLEM_REPEAT = 300.0
 
 #: Reads of at most this many bytes (a plain file caught up with its writer) are done on the event loop.
-_INLINE_READ_BYTES = 64 << 10
+_INLINE_READ_BYTES = 256 << 10
 
 #: The finished files remembered to never read one twice (a backup that reappears as `.gz`, ...).
 _HISTORY = 64
@@ -325,16 +325,17 @@ class Tailer:
         # the decompressor then, so the next call takes that result instead of reading again.
         fut = src.inflight
         if fut is None and src.gz is None:
-            # Caught up with the writer, a read is a few KiB that were written a moment ago (page cache): reading them
-            # on the loop costs microseconds, a worker thread round trip ~0.1 ms of CPU and a wakeup, per read, which
-            # made most of the cost at steady rates (issue 11). A backlog is still read in a thread, 1 MiB at a time.
+            # Caught up with the writer, a read is what was written during one latency budget (~80 KiB at 1,000
+            # events/s), a moment ago (page cache): reading it on the loop costs tens of microseconds, a worker thread
+            # round trip ~0.1 ms of CPU and two wakeups, per read, which made most of the cost at steady rates (issue
+            # 11). A backlog is still read in a thread, 1 MiB at a time.
             head = None if src.complete else bytes(src.head)
             try:
-                pending = os.fstat(src.fd).st_size - src.read_off
+                size = os.fstat(src.fd).st_size
             except OSError:
-                pending = _INLINE_READ_BYTES + 1  # let the thread's read raise it as before
-            if pending <= _INLINE_READ_BYTES:
-                return read_plain(src.fd, src.read_off, min(self._read_size, _INLINE_READ_BYTES), head)
+                size = src.read_off + _INLINE_READ_BYTES + 1  # let the thread's read raise it as before
+            if size - src.read_off <= _INLINE_READ_BYTES:
+                return read_plain(src.fd, src.read_off, self._read_size, head, size)
         if fut is None:
             if src.gz is not None:
                 fut = asyncio.ensure_future(asyncio.to_thread(read_gz, src.gz, self._read_size))

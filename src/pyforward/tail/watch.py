@@ -15,16 +15,17 @@ from pyforward.tail.file import Source
 from pyforward.tail.scan import specs
 
 try:  # Linux only (a dependency only there); elsewhere wait() polls
-    import asyncinotify
+    import inotify_simple
 
     _HAVE_INOTIFY = True
-    _M = asyncinotify.Mask
-    _WATCH_MASK = (
-        _M.CREATE | _M.MODIFY | _M.MOVED_TO | _M.MOVED_FROM | _M.DELETE | _M.ATTRIB | _M.CLOSE_WRITE | _M.DELETE_SELF
-        | _M.MOVE_SELF
+    _F = inotify_simple.flags
+    _WATCH_MASK = int(
+        _F.CREATE | _F.MODIFY | _F.MOVED_TO | _F.MOVED_FROM | _F.DELETE | _F.ATTRIB | _F.CLOSE_WRITE | _F.DELETE_SELF
+        | _F.MOVE_SELF
     )  # fmt: skip
-    _IGNORED = int(_M.IGNORED)
-    _RENAMED = int(_M.CREATE | _M.DELETE | _M.MOVED_FROM | _M.MOVED_TO)
+    _IGNORED = int(_F.IGNORED)
+    _OVERFLOW = int(_F.Q_OVERFLOW)
+    _RENAMED = int(_F.CREATE | _F.DELETE | _F.MOVED_FROM | _F.MOVED_TO)
 except ImportError:  # pragma: no cover
     _HAVE_INOTIFY = False
 
@@ -52,6 +53,12 @@ class _Layout:
     patterns: list[re.Pattern[str]]  # backup names
 
 
+def _resolve(future: asyncio.Future[None]) -> None:
+    # Level-triggered: the reader callback may run again before the waiting task resumes and removes it.
+    if not future.done():
+        future.set_result(None)
+
+
 class Watcher:
     """Tells the tailer when the log may have changed. `current` gives the file being read (its size is part of
     what polling compares)."""
@@ -67,12 +74,20 @@ class Watcher:
         # The last wait() polled. (If the next one falls back to polling, its stale baseline makes it return at
         # once: one spurious wakeup, after which read_batch takes baselines again.)
         self._polled = True
-        self.inotify: asyncinotify.Inotify | None = None
+        # inotify_simple, not asyncinotify: the events are parsed with struct into plain tuples, ~9 us each instead of
+        # ~60 us (ctypes, pathlib and enum.Flag per event), two of them per chunk at steady rates (issue 11).
+        self.inotify: inotify_simple.INotify | None = None
         self._watched: dict[Path, tuple[int, int]] = {}  # dir -> (dev, ino) watched
+        self._watch_paths: dict[int, Path] = {}  # watch descriptor -> dir
         self._layout: _Layout | None = None
 
     async def mark(self) -> None:
         """Called as a read begins: a change after this makes the next wait() return."""
+        if self.inotify is None and self._use_inotify:
+            # Watch before the first read, not at the first wait: a write in between would go unnoticed until the
+            # safety wakeup, and until a wait a reader that never needs one (steady rates) would take a polling
+            # baseline in a thread before every read.
+            self._polled = self._ensure_inotify() is None
         if self._polled:  # only polling needs the baseline: with inotify, one thread round trip less per read
             self._baseline = await asyncio.to_thread(self.signature)
         elif self.inotify is not None:
@@ -80,7 +95,7 @@ class Watcher:
             # next wait() return at once for nothing (a read that finds nothing: thread round trips, a wakeup), once
             # per chunk at steady rates (issue 11). A change after this drain queues a new event.
             relevant = self._matcher()
-            while (event := self.inotify.sync_get()) is not None:
+            for event in self.inotify.read(timeout=0):
                 relevant(event)
 
     async def wait(self, timeout: float | None) -> None:
@@ -142,7 +157,7 @@ class Watcher:
             self._layout = _Layout(dirs, names, [pattern for _, pattern in specs(self._path)])
         return self._layout
 
-    def _ensure_inotify(self) -> asyncinotify.Inotify | None:
+    def _ensure_inotify(self) -> inotify_simple.INotify | None:
         """An inotify watching the log's directories, or None to poll (disabled, unavailable, a dir is
         missing: inotify cannot watch for a directory to appear)."""
         if not self._use_inotify:
@@ -153,13 +168,17 @@ class Watcher:
                 self._use_inotify = False
                 return None
             try:
-                self.inotify = asyncinotify.Inotify(sync_timeout=0)
+                self.inotify = inotify_simple.INotify()
             except OSError as e:  # EMFILE: fs.inotify.max_user_instances reached
                 log.warning(
                     "cannot use inotify (%s): polling %s every %ss", e.strerror, self._path, self._poll_interval
                 )
                 self._use_inotify = False
                 return None
+        if self._layout is not None and len(self._watched) == len(self._layout.dirs):
+            # Watched, and no event since said a directory went (IGNORED) or the log's name changed: nothing to look
+            # at (a stat per directory per wait was a syscall per chunk at steady rates).
+            return self.inotify
         mask = _WATCH_MASK
         complete = True
         for directory in self._watch_dirs():
@@ -167,30 +186,31 @@ class Watcher:
                 st = os.stat(directory)
                 key = (st.st_dev, st.st_ino)
                 if self._watched.get(directory) != key:  # new, or deleted and recreated
-                    self.inotify.add_watch(directory, mask)
+                    self._watch_paths[self.inotify.add_watch(directory, mask)] = directory
                     self._watched[directory] = key
             except OSError:
                 self._watched.pop(directory, None)
                 complete = False
         return self.inotify if complete else None
 
-    def _matcher(self) -> Callable[[asyncinotify.Event], bool]:
+    def _matcher(self) -> Callable[[inotify_simple.Event], bool]:
         """A test of whether an event is about the log, its directories or its backups. (Masks are tested as plain
         ints: enum.Flag operators run Python code, a few of them per event added up at steady rates.)"""
         layout = self._get_layout()
         names, patterns = layout.names, layout.patterns
 
-        def relevant(event: asyncinotify.Event) -> bool:
-            mask = int(event.mask)
+        def relevant(event: inotify_simple.Event) -> bool:
+            mask = event.mask
             if mask & _IGNORED:  # the watched directory is gone: re-watch once it is back
-                if event.watch is not None:
-                    self._watched.pop(event.watch.path, None)
+                directory = self._watch_paths.pop(event.wd, None)
+                if directory is not None:
+                    self._watched.pop(directory, None)
                 self._layout = None
                 return True
-            if event.name is None:
+            name = event.name
+            if not name or mask & _OVERFLOW:
                 self._layout = None
                 return True  # about the directory itself, or queue overflow
-            name = str(event.name)
             if name in names:
                 if mask & _RENAMED:  # a new file or symlink at the log's name: it may point elsewhere now
                     self._layout = None
@@ -199,16 +219,29 @@ class Watcher:
 
         return relevant
 
-    async def _wait_inotify(self, inotify: asyncinotify.Inotify, limit: float) -> None:
-        # Events queued while we were reading make this return at once: that can be one spurious wakeup,
-        # never a missed one (they are drained below, after which any change makes a new event).
+    async def _wait_inotify(self, inotify: inotify_simple.INotify, limit: float) -> None:
+        # Events queued while we were reading make this return at once: that can be one spurious wakeup, never a
+        # missed one (mark() drains what came before a read; any change after it makes a new event).
         relevant = self._matcher()
-        try:
-            async with asyncio.timeout(limit):
-                while not relevant(await inotify.get()):
-                    pass
-        except TimeoutError:
-            self._layout = None  # the safety wakeup also looks at the layout afresh (a missed event, a moved dir)
-            return
-        while (event := inotify.sync_get()) is not None:
-            relevant(event)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + limit
+        fd = inotify.fileno()
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                self._layout = None  # the safety wakeup looks at the layout afresh (a missed event, a moved dir)
+                return
+            # (Queued events make the fd readable at once: no read before waiting, one syscall less per wait.)
+            readable: asyncio.Future[None] = loop.create_future()
+            loop.add_reader(fd, _resolve, readable)
+            timer = loop.call_at(deadline, _resolve, readable)
+            try:
+                await readable
+            finally:
+                timer.cancel()
+                loop.remove_reader(fd)
+            found = False
+            for event in inotify.read(timeout=0):  # every event is looked at (IGNORED, overflow: see relevant)
+                found = relevant(event) or found
+            if found:
+                return
