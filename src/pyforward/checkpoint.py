@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,10 @@ class Position:
     file: FileIdentity
     offset: int
     path: str  # only for messages: the name the file had when it was read
+    # Only for messages and loss accounting: the file's size in bytes when the position was taken (0: unknown, e.g.
+    # a .gz, whose offsets are into the decompressed data). If the file is gone at the next start, what was lost
+    # is at least size - offset (issue 12: "with the name and size last seen"). Not part of equality.
+    size: int = field(default=0, compare=False)
 
 
 class CheckpointError(Exception):
@@ -99,6 +103,7 @@ def _position_to_json(position: Position) -> dict[str, Any]:
         "file": {"dev": f.dev, "ino": f.ino, "fp_len": f.fp_len, "fp_hash": f.fp_hash},
         "offset": position.offset,
         "path": position.path,
+        "size": position.size,
         "written_at": time.time(),  # for operators only
     }
 
@@ -131,7 +136,9 @@ def _position_from_json(doc: Any) -> Position:
         fp_len=fp_len,
         fp_hash=fp_hash,
     )
-    return Position(file=identity, offset=_field(doc, "offset", int, ""), path=_field(doc, "path", str, ""))
+    # "size" came later (still version 1): optional, 0 (unknown) when absent.
+    size = _field(doc, "size", int, "") if "size" in doc else 0
+    return Position(file=identity, offset=_field(doc, "offset", int, ""), path=_field(doc, "path", str, ""), size=size)
 
 
 def load_checkpoint(path: Path) -> Position | None:
