@@ -259,8 +259,12 @@ class CheckpointWriter:
         error_log_interval: float = 60.0,
         retry_delay: float = 5.0,
         on_settled: Callable[[Position], None] | None = None,
+        on_task: Callable[[asyncio.Task[None]], None] | None = None,
     ) -> None:
         self.path = path
+        # Called with each background write task as it starts: `pyforward run` supervises them (an unexpected
+        # exception, anything but the OSError handled here, must end the process, not vanish with the task).
+        self._on_task = on_task
         # Called after each write attempt (written or failed) with the position it tried: the pipeline frees
         # the in-flight budget of what the checkpoint now covers, so a crash re-sends at most that budget.
         self._on_settled = on_settled
@@ -288,6 +292,8 @@ class CheckpointWriter:
             self._retry = None
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="checkpoint-writer")
+            if self._on_task is not None:
+                self._on_task(self._task)
 
     async def _run(self) -> None:
         while self._pending is not None:

@@ -152,6 +152,7 @@ async def _run(settings: Settings) -> int:
     metrics = health = server = None
     if settings.metrics_bind:
         from pyforward.metrics import HealthState, Metrics, heartbeat, start_server
+        from pyforward.supervise import Policy
 
         metrics = Metrics()
         health = HealthState(ready_max_backlog_bytes=settings.ready_max_backlog_bytes)
@@ -173,7 +174,7 @@ async def _run(settings: Settings) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
         log.info("metrics and health on http://%s/metrics", settings.metrics_bind)
-        beat = asyncio.create_task(heartbeat(health))
+        beat = pipeline.supervisor.spawn("heartbeat", lambda: heartbeat(health), Policy.RESTART)
     try:
         return await pipeline.run(stop, start)
     finally:
