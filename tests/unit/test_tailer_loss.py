@@ -315,13 +315,15 @@ async def test_no_false_loss_for_gzip_then_delete_the_file_being_read_and_finish
     del third
 
 
+@pytest.mark.parametrize("inotify", [False, True])
 @pytest.mark.parametrize("looks", ["plain", "gz", "none"])
 async def test_no_false_loss_when_the_live_file_being_read_is_rotated_gzipped_and_deleted(
-    api: Apiserver, make_tailer: Callable[..., Tailer], caplog: pytest.LogCaptureFixture, looks: str
+    api: Apiserver, make_tailer: Callable[..., Tailer], caplog: pytest.LogCaptureFixture, looks: str, inotify: bool
 ) -> None:
     """The receiver is down while we are in the live file; lumberjack rotates it, gzips it and deletes it: we hold it
-    open, so nothing is lost. Identified by inode while plain, by its decompressed head once gzipped."""
-    tailer = make_tailer(api.path, read_size=256)
+    open, so nothing is lost. Identified by inode while plain, by its decompressed head once gzipped, and taken to be
+    the oldest unread backup when it was never seen (inotify knows its name only)."""
+    tailer = make_tailer(api.path, read_size=256, use_inotify=inotify)
     await tailer.open()
     written = api.write(30)
     batch = await tailer.read_batch(1)
@@ -369,7 +371,7 @@ async def test_losses_from_lumberjacks_mill_are_counted_exactly_when_looked_at_e
         sizes: dict[str, int] = {}
         with caplog.at_level(logging.ERROR, "pyforward.tailer"):
             for n in range(8):
-                writer.write_many([event(b"b%d-" % n, i) for i in range(40)])
+                writer.write_many([event(b"b%d-" % n, i) for i in range(30)])  # < max_bytes: one rotation at most
                 assert writer.settle(10)
                 for p in writer.backups():
                     sizes[p.name] = p.stat().st_size
@@ -386,7 +388,7 @@ async def test_losses_from_lumberjacks_mill_are_counted_exactly_when_looked_at_e
     assert tailer.stats.lost_files == len(lost) == len(messages)
     assert tailer.stats.lost_bytes == sum(sizes[name] for name in lost)
     assert len(set(got)) == len(got)
-    assert got[-1] == event(b"b7-", 39)  # the rest arrived
+    assert got[-1] == event(b"b7-", 29)  # the rest arrived
 
 
 async def test_backlog_counts_every_unread_backup_and_lists_only_when_the_directory_changed(
@@ -410,3 +412,81 @@ async def test_backlog_counts_every_unread_backup_and_lists_only_when_the_direct
     api.rotate()
     await asyncio.to_thread(tailer.backlog)
     assert calls[0] == listings + 1
+
+
+# --- with inotify: a look at each rotation, not only at each metrics update -------------------------------------
+
+
+async def until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
+    """Wait (on the event loop, which must process the directory events) until `predicate()` is true."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.01)
+
+
+async def test_with_inotify_each_rotation_is_looked_at_and_every_deleted_backup_counted_with_its_size(
+    tmp_path: Path, make_tailer: Callable[..., Tailer], caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "audit.log"
+    writer = RotatingAuditLog(path, max_bytes=4000, max_backups=2, compress=True, mill=True)
+    tailer = make_tailer(path, read_size=512, use_inotify=True)
+
+    def event(prefix: bytes, i: int) -> bytes:
+        return b'{"kind":"Event","auditID":"%s%07d","pad":"%s"}' % (prefix, i, b"y" * 60)
+
+    def looked_since(before: int) -> Callable[[], bool]:
+        # A listing begun after `before` was taken into account (white box: the ledger's listing numbers).
+        return lambda: tailer._ledger._applied > before
+
+    try:
+        writer.write_many([event(b"a", i) for i in range(100)])
+        assert writer.settle(10)
+        reading = writer.backups()[0]
+        await tailer.open()
+        batch = await tailer.read_batch(1)
+        assert batch is not None
+        assert batch.end.path == str(reading)
+        sizes: dict[str, int] = {}
+        with caplog.at_level(logging.ERROR, "pyforward.tailer"):
+            for n in range(8):
+                rotations, i = writer.rotations, 0
+                while writer.rotations == rotations:  # exactly one rotation
+                    writer.write(event(b"b%d-" % n, i))
+                    i += 1
+                assert writer.settle(10)
+                for p in writer.backups():
+                    sizes[p.name] = p.stat().st_size
+                await until(looked_since(tailer._ledger._seq))  # the events made a look, begun after the mill
+            on_disk = {p.name for p in writer.backups()}
+    finally:
+        writer.close()
+    lost = sorted(name for name in sizes if name not in on_disk and name != reading.name)
+    assert len(lost) >= 5
+    assert [name for m in errors(caplog) for name in lost if name in m] == lost
+    assert tailer.stats.lost_files == len(lost)
+    assert tailer.stats.lost_bytes == sum(sizes[name] for name in lost)
+
+
+async def test_with_inotify_a_backup_gone_before_any_look_is_a_loss_of_unknown_size(
+    api: Apiserver, make_tailer: Callable[..., Tailer], caplog: pytest.LogCaptureFixture
+) -> None:
+    written, (first, _, _) = three_backups(api)
+    tailer = make_tailer(api.path, read_size=256, use_inotify=True)
+    await tailer.open()
+    batch = await tailer.read_batch(1)
+    assert batch is not None
+    assert batch.end.path == str(first)
+    with caplog.at_level(logging.ERROR, "pyforward.tailer"):
+        # Created and deleted with no chance for the tailer to look in between (no await): only its name is known.
+        quick = api.rotate()  # with the 5 lines written into the live file by three_backups()
+        lost = written[-5:]
+        written += api.write(7)
+        Apiserver.compress(quick).unlink()
+        written += api.write(3)
+        await until(lambda: tailer.stats.lost_files == 1)
+        got = list(batch.lines) + await drain(tailer)
+    [message] = errors(caplog)
+    assert quick.name in message  # (as .log.gz: the name it had last)
+    assert "how many is unknown" in message
+    assert tailer.stats.lost_bytes == 0  # a lower bound: never seen, no size
+    assert got == [line for line in written if line not in lost]

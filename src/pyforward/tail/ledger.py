@@ -12,8 +12,10 @@ in one listing and is missing from the next one, under both its names (`.log` an
 .gz before it deletes the plain file), is gone. It is a loss if it was unread: newer than the tailer's watermark
 and not the file being read (that one is held open, its data stays readable after the unlink).
 
-What it cannot see, it does not count: a backup created and deleted between two looks (looks happen at every
-rotation the tailer follows and at every metrics update) is not in the counters, so they are a lower bound.
+With inotify, the directory's name events also make a look (tail/watch.py DirectoryEvents: once per rotation,
+nothing in between), and a backup whose name appeared and that is gone before any look saw it is a loss of unknown
+size (counted as a file, 0 bytes). Without inotify, such a backup is not seen at all. So the byte counter is a lower
+bound.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Seen:
 
     path: Path
     gz: bool
-    size: int  # bytes on disk (compressed for a .gz)
+    size: int  # bytes on disk (compressed for a .gz); -1: never seen (known by its name event only)
     dev: int
     ino: int
     not_current: bool = False  # checked: it is not the file being read
@@ -66,6 +68,9 @@ class Ledger:
         self._on_loss = on_loss  # called with the bytes of each file lost (TailerStats)
         self._reported: set[str] = set()
         self._pending: dict[str, Seen] = {}  # gone while being opened: decided at the next look
+        # Names that appeared (inotify) and no listing has shown yet, with the number of the last listing begun
+        # then: a listing begun later that does not show them means they came and went unseen.
+        self._unseen: dict[str, tuple[Sibling, int]] = {}
         self._seq = 0
         self._applied = 0
         # The backup timestamp of the file being read, when that file was opened as the live log and rotated since
@@ -77,6 +82,12 @@ class Ledger:
         """A listing is about to start; pass the number to apply()."""
         self._seq += 1
         return self._seq
+
+    def appeared(self, siblings: list[Sibling]) -> None:
+        """Backup names created or renamed into the directory (inotify), before any listing shows them."""
+        for sibling in siblings:
+            if sibling.ts not in self.known and sibling.ts not in self._reported:
+                self._unseen[sibling.ts] = (sibling, self._seq)
 
     def current_ts(self, src: Source) -> str | None:
         """The backup timestamp of `src` if it is known for certain (it was the live file, now rotated)."""
@@ -102,6 +113,12 @@ class Ledger:
             if ts not in present:
                 vanished.setdefault(ts, seen)
         self._pending = {}
+        for ts, (sibling, before) in list(self._unseen.items()):
+            if ts in present or ts in self.known:
+                del self._unseen[ts]
+            elif before < seq:  # this listing began after the name appeared, and does not have it
+                del self._unseen[ts]
+                vanished.setdefault(ts, Seen(sibling.path, sibling.gz, -1, 0, 0))
         self.known = present
         self._find_current(view)
         if view.started:
@@ -187,21 +204,25 @@ class Ledger:
                 self._cur_ts = ts
                 return
         self._reported.add(ts)
-        self._on_loss(seen.size)
-        if seen.gz:
-            amount = f"{seen.size} bytes compressed"
+        size = max(0, seen.size)
+        self._on_loss(size)
+        if seen.size < 0:
+            sizes = sorted(s.size for s in self.known.values() if s.gz == seen.gz)
+            typical = f"; the other backups here have about {sizes[len(sizes) // 2]} bytes" if sizes else ""
+            amount = f"audit events are lost (how many is unknown: it was gone before pyforward could look{typical})"
+        elif seen.gz:
+            amount = f"{size} bytes (compressed) of audit events are lost"
         elif view.avg_line:
-            amount = f"{seen.size} bytes (about {max(1, round(seen.size / view.avg_line))} lines)"
+            amount = f"{size} bytes (about {max(1, round(size / view.avg_line))} lines) of audit events are lost"
         else:
-            amount = f"{seen.size} bytes"
+            amount = f"{size} bytes of audit events are lost"
         log.error(
-            "rotated log file %s was deleted before it was read: its %s of audit events are lost. The API "
-            "server's log retention ran out while shipping was behind: get the receiver back or faster "
-            "(pyforward_connected, pyforward_backlog_bytes), or keep more (--audit-log-maxbackup, "
-            "--audit-log-maxsize)",
+            "rotated log file %s was deleted before it was read: its %s. The API server's log retention ran out "
+            "while shipping was behind: get the receiver back or faster (pyforward_connected, "
+            "pyforward_backlog_bytes), or keep more (--audit-log-maxbackup, --audit-log-maxsize)",
             seen.path,
             amount,
-            extra={"rate_key": f"lost {seen.path}", "lost_file": str(seen.path), "lost_bytes": seen.size},
+            extra={"rate_key": f"lost {seen.path}", "lost_file": str(seen.path), "lost_bytes": size},
         )
 
 

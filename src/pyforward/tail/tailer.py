@@ -31,7 +31,7 @@ from pyforward.tail.file import (
 from pyforward.tail.ledger import Ledger, View, gz_starts_with
 from pyforward.tail.lines import LineAssembler
 from pyforward.tail.scan import DirectoryState, Sibling
-from pyforward.tail.watch import Watcher
+from pyforward.tail.watch import DirectoryEvents, Watcher
 
 __all__ = ["LineBatch", "Tailer", "TailerStats"]
 
@@ -174,6 +174,10 @@ class Tailer:
         self._opening: set[str] = set()
         self._ledger = Ledger(self._lost)
         self._listed: tuple[DirectoryState, int] | None = None  # directory state and time of the last listing
+        self._use_inotify = use_inotify
+        self._dir_events = DirectoryEvents(self._path, self._dir_changed)
+        self._look: asyncio.Task[None] | None = None
+        self._look_again = False
         self._watcher = Watcher(
             self._path, poll_interval=poll_interval, use_inotify=use_inotify, current=lambda: self._cur
         )
@@ -244,6 +248,9 @@ class Tailer:
                 self._close_source(self._cur)
                 self._cur = None
         self._watcher.close()
+        self._dir_events.close()
+        if self._look is not None:
+            self._look.cancel()
 
     def backlog(self) -> tuple[int, int, int]:
         """(bytes, files, log files): what is not read yet, and what there is. Blocking (run it in a thread); may be
@@ -527,6 +534,36 @@ class Tailer:
             avg_line=stats.bytes / stats.lines if stats.lines else None,
         )
 
+    def _watch_directory(self) -> None:
+        """Look at the directory each time a backup name changes (inotify, names only), not only when the tailer
+        advances: a backup lumberjack deletes unread is then seen, with its size, even while the tailer stays in
+        one file for long (receiver down). Retried at each advance until it works (directory not there yet)."""
+        if self._use_inotify and not self._dir_events.active:
+            self._dir_events.start()
+
+    def _dir_changed(self, appeared: list[Sibling]) -> None:
+        if appeared:
+            with self._lock:
+                self._ledger.appeared(appeared)
+        if self._closed:
+            return
+        if self._look is None or self._look.done():
+            self._look = asyncio.get_running_loop().create_task(self._look_at_directory(), name="tailer-look")
+        else:
+            self._look_again = True  # changed while a look runs: one more after it
+
+    async def _look_at_directory(self) -> None:
+        while True:
+            self._look_again = False
+            try:
+                await asyncio.to_thread(self._list)
+            except OSError:
+                pass  # reading reports I/O problems (rate-limited); the next change looks again
+            except Exception:  # a bug: not silent (issue 12); the next change looks again
+                log.exception("looking at %s for deleted backups failed", self._path.parent)
+            if not self._look_again or self._closed:
+                return
+
     def _lost(self, size: int) -> None:
         self.stats.lost_files += 1
         self.stats.lost_bytes += size
@@ -553,8 +590,10 @@ class Tailer:
         if not self._started:
             if not await self._resolve_start():
                 return False
+            self._watch_directory()
             if self._cur is not None:
                 return True
+        self._watch_directory()
         try:
             return await self._next_file()
         finally:

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pyforward.tail.file import Source
-from pyforward.tail.scan import specs
+from pyforward.tail.scan import Sibling, specs
 
 try:  # Linux only (a dependency only there); elsewhere wait() polls
     import asyncinotify
@@ -19,7 +19,7 @@ try:  # Linux only (a dependency only there); elsewhere wait() polls
 except ImportError:  # pragma: no cover
     _HAVE_INOTIFY = False
 
-__all__ = ["Watcher", "stat_key"]
+__all__ = ["DirectoryEvents", "Watcher", "stat_key"]
 
 log = logging.getLogger("pyforward.tailer")
 
@@ -170,3 +170,87 @@ class Watcher:
             return
         while (event := inotify.sync_get()) is not None:
             self._relevant(event)
+
+
+class DirectoryEvents:
+    """Names appearing and disappearing in the log's directories, as they happen (issue 12: a backup that lumberjack
+    creates and deletes between two of the tailer's listings would be lost unseen).
+
+    A separate inotify instance with names only (create, rename, delete: no event per write), read by the event loop
+    as events come (`loop.add_reader`): no timer, no cost while nothing rotates. `on_change(appeared)` gets the
+    backup names that appeared (renamed to or created) since the last call; it is called for any change of a backup
+    name or of the live log's name, and on an inotify queue overflow (with what it could read).
+    """
+
+    def __init__(self, path: Path, on_change: Callable[[list[Sibling]], None]) -> None:
+        self._path = path
+        self._on_change = on_change
+        self._inotify: asyncinotify.Inotify | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.active = False  # watching now
+
+    def start(self) -> bool:
+        """Watch the directories (again, after one was replaced). False if inotify cannot be used here; call from
+        the event loop."""
+        if self.active:
+            return True
+        self.close()
+        if not _HAVE_INOTIFY:
+            return False
+        Mask = asyncinotify.Mask
+        try:
+            inotify = asyncinotify.Inotify(sync_timeout=0)
+        except OSError:
+            return False
+        try:
+            for directory, _ in specs(self._path):
+                inotify.add_watch(directory, Mask.CREATE | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE)
+        except OSError:  # a directory is missing (not yet mounted): the tailer's listings still see everything
+            inotify.close()
+            return False
+        self._inotify = inotify
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(inotify.fd, self._readable)
+        self.active = True
+        return True
+
+    def close(self) -> None:
+        self.active = False
+        if self._inotify is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._inotify.fd)
+            self._inotify.close()
+            self._inotify = None
+
+    def _readable(self) -> None:
+        inotify = self._inotify
+        if inotify is None:
+            return
+        Mask = asyncinotify.Mask
+        patterns = [pattern for _, pattern in specs(self._path)]
+        live_names = {self._path.name, Path(os.path.realpath(self._path)).name}
+        appeared: list[Sibling] = []
+        changed = False
+        try:
+            while (event := inotify.sync_get()) is not None:
+                if event.mask & (Mask.IGNORED | Mask.Q_OVERFLOW) or event.name is None:
+                    changed = True
+                    if Mask.IGNORED in event.mask:
+                        self.active = False  # a watched directory is gone: start() again at the next advance
+                    continue
+                name = str(event.name)
+                match = next((m for pattern in patterns if (m := pattern.fullmatch(name))), None)
+                if match is not None:
+                    changed = True
+                    if event.mask & (Mask.MOVED_TO | Mask.CREATE) and event.path is not None:
+                        appeared.append(Sibling(Path(event.path), match["ts"], match["gz"] is not None))
+                elif name in live_names:
+                    changed = True
+        except OSError as e:  # the fd is broken: fall back to the tailer's listings
+            log.warning("inotify on the log directory failed (%s): losses are found by listings only", e)
+            self.close()
+            changed = True
+        if not self.active:
+            self.close()
+        if changed:
+            self._on_change(appeared)
