@@ -10,6 +10,7 @@ the container's root fs; both are what this module exists to avoid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pyforward.atomic import fsync_directory, replace_file
+from pyforward.atomic import fsync_directory, replace_file, replace_file_async
 
 __all__ = [
     "FINGERPRINT_BYTES",
@@ -31,6 +32,7 @@ __all__ = [
     "fingerprint",
     "load_checkpoint",
     "save_checkpoint",
+    "save_checkpoint_async",
 ]
 
 log = logging.getLogger(__name__)
@@ -173,6 +175,10 @@ def load_checkpoint(path: Path) -> Position | None:
         raise CheckpointError(f"checkpoint {path} is invalid ({e}): {_RESTART_HINT}") from e
 
 
+def _encode(position: Position) -> bytes:
+    return json.dumps(_position_to_json(position), separators=(",", ":")).encode() + b"\n"
+
+
 def save_checkpoint(path: Path, position: Position) -> None:
     """Replace the checkpoint atomically: a crash at any point leaves either the old or the new file.
 
@@ -180,9 +186,13 @@ def save_checkpoint(path: Path, position: Position) -> None:
     over the old one, fsync the directory (else the rename itself may not survive a power loss).
     Raises OSError (read-only dir, disk full); the previous checkpoint file is then untouched.
     """
-    data = json.dumps(_position_to_json(position), separators=(",", ":")).encode() + b"\n"
-    replace_file(path, data)
+    replace_file(path, _encode(position))
     fsync_directory(path.parent)
+
+
+async def save_checkpoint_async(path: Path, position: Position) -> None:
+    """save_checkpoint from the event loop (the same steps, in aiofiles' threads)."""
+    await replace_file_async(path, _encode(position))
 
 
 class AckTracker:
@@ -243,19 +253,25 @@ class AckTracker:
 
 
 class CheckpointWriter:
-    """Writes checkpoint updates in the background, newest first, one at a time.
+    """Writes checkpoint updates in the background, newest first, one at a time, at most one per `interval`.
 
-    Acks can arrive thousands of times a second; each save costs two fsyncs. Only the newest position
-    matters, so updates that arrive while a write is running are coalesced into one next write. A failed
-    write (read-only dir, disk full) is logged (at most once per `error_log_interval`), the last good file
-    stays, shipping goes on, and the write is retried after `retry_delay` unless a newer update comes first:
-    a stale checkpoint only means duplicates after a restart, never loss.
+    Acks can arrive thousands of times a second; each save costs two fsyncs and a few thread round trips. Only the
+    newest position matters, so updates are coalesced: one write now and then carries the newest position. At steady
+    rates a write per chunk was a large share of the sidecar's CPU (issue 11), hence `interval` (1 s by default,
+    PYFORWARD_CHECKPOINT_INTERVAL): what a crash can make us send again grows by what was acked in that time, and the
+    pipeline bounds it anyway (its in-flight budget is freed only by a settled write; when that budget runs short it
+    asks for an `urgent` write, which skips the wait). `flush` and `close` write at once.
+
+    A failed write (read-only dir, disk full) is logged (at most once per `error_log_interval`), the last good file
+    stays, shipping goes on, and the write is retried after `retry_delay` unless a newer update comes first: a stale
+    checkpoint only means duplicates after a restart, never loss.
     """
 
     def __init__(
         self,
         path: Path,
         *,
+        interval: float = 0.0,
         error_log_interval: float = 60.0,
         retry_delay: float = 5.0,
         on_settled: Callable[[Position], None] | None = None,
@@ -268,9 +284,13 @@ class CheckpointWriter:
         # Called after each write attempt (written or failed) with the position it tried: the pipeline frees
         # the in-flight budget of what the checkpoint now covers, so a crash re-sends at most that budget.
         self._on_settled = on_settled
+        self._interval = interval
         self._error_log_interval = error_log_interval
         self._retry_delay = retry_delay
         self._pending: Position | None = None
+        self._urgent = False
+        self._wake = asyncio.Event()
+        self._next_write = float("-inf")  # loop time before which a non-urgent write waits
         self._task: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None
         self._unwritten: Position | None = None  # last position whose write failed
@@ -282,11 +302,16 @@ class CheckpointWriter:
         self._last_error_log = float("-inf")
         self._suppressed = 0
 
-    def update(self, position: Position) -> None:
-        """Schedule `position` to be written (replacing any not yet written). Call from the event loop."""
+    def update(self, position: Position, *, urgent: bool = False) -> None:
+        """Schedule `position` to be written (replacing any not yet written). Call from the event loop.
+
+        Written within `interval` of the previous write, or as soon as the running write is done if `urgent`."""
         if self._closed:
             raise RuntimeError(f"checkpoint writer for {self.path} is closed")
         self._pending = position
+        if urgent:
+            self._urgent = True
+            self._wake.set()
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
@@ -295,11 +320,25 @@ class CheckpointWriter:
             if self._on_task is not None:
                 self._on_task(self._task)
 
+    @property
+    def waiting(self) -> bool:
+        """An update is waiting for its write (the interval has not passed yet)."""
+        return self._pending is not None
+
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._pending is not None:
+            delay = self._next_write - loop.time()
+            if delay > 0 and not self._urgent:  # no timer at all while nothing is pending (idle costs nothing)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
             position, self._pending = self._pending, None
+            self._urgent = False
+            self._next_write = loop.time() + self._interval
             try:
-                await asyncio.to_thread(save_checkpoint, self.path, position)
+                await save_checkpoint_async(self.path, position)
             except OSError as e:
                 self._failed(position, e)
             else:
@@ -349,8 +388,11 @@ class CheckpointWriter:
             self.update(position)
 
     async def flush(self) -> None:
-        """Return once every update made so far has been written or has failed."""
+        """Write now what is pending; return once every update made so far has been written or has failed."""
         while self._task is not None and not self._task.done():
+            if self._pending is not None:
+                self._urgent = True
+                self._wake.set()
             await asyncio.shield(self._task)
 
     async def close(self) -> None:

@@ -102,7 +102,7 @@ class ForwardClient:
         self._task: asyncio.Task[None] | None = None
         self._conn_task: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
-        self._sent = asyncio.Event()  # set when a chunk goes on the wire: the ack clock starts
+        self._ack_deadline: asyncio.Timeout | None = None  # the receive loop's, while a connection is up
 
     # --- public API ----------------------------------------------------------------------------------------
     def start(self) -> asyncio.Task[None]:
@@ -255,48 +255,46 @@ class ForwardClient:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             chunk = self._pending.popleft()
+            first = not self._inflight
             self._inflight[chunk.chunk_id.encode()] = (chunk, time.monotonic())
             self.stats.chunks_sent += 1
-            self._sent.set()
+            if first:  # the ack clock starts (later chunks do not move the oldest one's deadline)
+                self._arm_ack_deadline()
             writer.write(chunk.payload)
             await writer.drain()
 
     async def _receive_loop(self, reader: asyncio.StreamReader, decoder: ClientDecoder) -> None:
-        read: asyncio.Task[bytes] | None = None
+        # The wait for the oldest chunk's ack is bounded (fluent-bit has no bound and stalls on a silent peer). One
+        # deadline for the whole loop, moved as chunks are sent and acked (_arm_ack_deadline): a plain read per ack, no
+        # task or timer made per chunk (they were a good share of the CPU at steady rates, issue 11).
         try:
-            while True:
-                if read is None:
-                    read = asyncio.ensure_future(reader.read(65536))
-                if self._inflight:
-                    # Bound the wait for the oldest chunk's ack (fluent-bit has none and stalls on a silent peer).
-                    oldest_sent = next(iter(self._inflight.values()))[1]
-                    timeout = max(0.0, oldest_sent + self.config.ack_timeout - time.monotonic())
-                    done, _ = await asyncio.wait({read}, timeout=timeout)
-                    if not done:
-                        raise _Reconnect(
-                            f"no ack within {self.config.ack_timeout:g}s for {len(self._inflight)} chunk(s) in flight"
-                        )
-                else:
-                    # Nothing awaits an ack: wait for data, or for the sender to put a chunk on the wire.
-                    self._sent.clear()
-                    sent = asyncio.ensure_future(self._sent.wait())
-                    try:
-                        await asyncio.wait({read, sent}, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        sent.cancel()
-                    if not read.done():
-                        continue
-                data = read.result()
-                read = None
-                if not data:
-                    raise _Reconnect("receiver closed the connection")
-                for event in decoder.feed(data):
-                    if not isinstance(event, Ack):
-                        raise ProtocolError(f"unexpected {type(event).__name__} from the receiver")
-                    self._acked(event.chunk_id)
+            async with asyncio.timeout(None) as deadline:
+                self._ack_deadline = deadline
+                self._arm_ack_deadline()
+                while True:
+                    data = await reader.read(65536)
+                    if not data:
+                        raise _Reconnect("receiver closed the connection")
+                    for event in decoder.feed(data):
+                        if not isinstance(event, Ack):
+                            raise ProtocolError(f"unexpected {type(event).__name__} from the receiver")
+                        self._acked(event.chunk_id)
+        except TimeoutError:
+            raise _Reconnect(
+                f"no ack within {self.config.ack_timeout:g}s for {len(self._inflight)} chunk(s) in flight"
+            ) from None
         finally:
-            if read is not None:
-                read.cancel()
+            self._ack_deadline = None
+
+    def _arm_ack_deadline(self) -> None:
+        """The receive loop gives up at the oldest unacked chunk's send time + ack_timeout (never while none is)."""
+        if self._ack_deadline is None:
+            return
+        if self._inflight:
+            oldest_sent = next(iter(self._inflight.values()))[1]  # time.monotonic(), the clock of asyncio's loop.time()
+            self._ack_deadline.reschedule(oldest_sent + self.config.ack_timeout)
+        else:
+            self._ack_deadline.reschedule(None)
 
     def _acked(self, chunk_id: bytes) -> None:
         entry = self._inflight.pop(chunk_id, None)
@@ -308,7 +306,9 @@ class ForwardClient:
         self.stats.chunks_acked += 1
         self.stats.records_acked += chunk.records
         self.stats.ack_latencies.append(latency)
-        self._wakeup.set()
+        if self._pending:  # a chunk waits for room in the window (else waking the sender would find nothing to do)
+            self._wakeup.set()
+        self._arm_ack_deadline()
         if not self._pending and not self._inflight:
             self._idle.set()
         if self._on_ack is not None:

@@ -11,12 +11,17 @@ loop has not run for ``loop_stall_seconds``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import ipaddress
 import logging
+import os
+import select
+import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -28,7 +33,6 @@ from pyforward import __version__
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL = 0.5  # seconds between two refreshes of HealthState.loop_heartbeat
 RESTART_INITIAL, RESTART_MAX = 1.0, 60.0  # backoff of the HTTP server's restarts after a failure
 
 # Ack latency spans a loopback receiver (< 1 ms) to a congested fluentd behind a tunnel (tens of seconds); the
@@ -40,7 +44,7 @@ CHECKPOINT_RESULTS = ("ok", "error")
 CERT_KINDS = ("receiver", "proxy")
 #: The tasks that are restarted when they fail (pyforward_task_restarts_total{task}); the others end the process
 #: (supervise.py, docs/architecture.md).
-RESTARTED_TASKS = ("discovery", "observe", "heartbeat", "metrics")
+RESTARTED_TASKS = ("discovery", "metrics")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -158,26 +162,72 @@ class Metrics:
 @dataclass
 class HealthState:
     """What /healthz and /readyz read. The pipeline sets the fields from the event loop; the HTTP thread only reads
-    them (single attribute reads and writes are atomic, no lock needed)."""
+    them (single attribute reads and writes are atomic, no lock needed).
+
+    Nothing runs periodically for it (issue 11: idle must cost nothing): /healthz asks the loop to answer (a callback
+    scheduled from the HTTP thread), and /metrics and /readyz run ``refresh`` on the loop first (backlog, certificate
+    expiry, ...), so values are computed when someone looks.
+    """
 
     connected: bool = False
     backlog_bytes: int = 0
     ready_max_backlog_bytes: int = 64 << 20
-    loop_heartbeat: float = field(default_factory=time.monotonic)
+    loop_heartbeat: float = field(default_factory=time.monotonic)  # when the loop last answered (or was told to be ok)
+    loop: asyncio.AbstractEventLoop | None = None  # the loop to ask; None: only loop_heartbeat is looked at
+    refresh: Callable[[], Coroutine[Any, Any, None]] | None = None  # run on the loop before /metrics and /readyz
+    _asked: float | None = None  # when the question still unanswered was scheduled
+    _answered: threading.Event = field(default_factory=threading.Event)
 
 
-async def heartbeat(health: HealthState) -> None:
-    """Refresh ``health.loop_heartbeat`` every HEARTBEAT_INTERVAL seconds, forever: run it as a task on the loop."""
-    while True:
-        health.loop_heartbeat = time.monotonic()
-        await asyncio.sleep(HEARTBEAT_INTERVAL)
+def _ask_loop(health: HealthState, wait: float) -> float:
+    """How long the loop has not answered: schedule a callback on it (unless one is still pending) and wait up to
+    `wait` for it. 0.0 when it answered. From the HTTP thread."""
+    loop = health.loop
+    if loop is None or loop.is_closed():
+        return time.monotonic() - health.loop_heartbeat
+    if health._asked is None:
+        answered = threading.Event()
+        health._answered = answered
+        health._asked = time.monotonic()
+
+        def answer() -> None:
+            health.loop_heartbeat = time.monotonic()
+            health._asked = None
+            answered.set()
+
+        try:
+            loop.call_soon_threadsafe(answer)
+        except RuntimeError:  # the loop closed meanwhile
+            health._asked = None
+            return 0.0
+    asked = health._asked
+    if health._answered.wait(wait) or asked is None:
+        return 0.0
+    return time.monotonic() - asked
 
 
 def healthz(health: HealthState, loop_stall_seconds: float) -> tuple[int, str]:
-    stale = time.monotonic() - health.loop_heartbeat
+    stale = _ask_loop(health, min(1.0, loop_stall_seconds / 2))
     if stale > loop_stall_seconds:
         return 503, f"event loop stalled: no heartbeat for {stale:.1f} s (limit {loop_stall_seconds:g} s)"
     return 200, "ok"
+
+
+def _refresh(health: HealthState, timeout: float = 2.0) -> None:
+    """Run ``health.refresh`` on the loop and wait (bounded) for it: a stalled loop leaves the last values."""
+    loop, refresh = health.loop, health.refresh
+    if loop is None or refresh is None or loop.is_closed():
+        return
+    try:
+        future = asyncio.run_coroutine_threadsafe(refresh(), loop)
+    except RuntimeError:  # the loop closed meanwhile
+        return
+    try:
+        future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+    except Exception:
+        log.exception("refreshing the metrics failed")
 
 
 def readyz(health: HealthState) -> tuple[int, str]:
@@ -198,10 +248,12 @@ def make_app(metrics: Metrics, health: HealthState, loop_stall_seconds: float = 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         if path == "/metrics":
+            _refresh(health)
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
         if path == "/healthz":
             status, text = healthz(health, loop_stall_seconds)
         elif path == "/readyz":
+            _refresh(health)
             status, text = readyz(health)
         elif path == "/":
             status, text = 200, "pyforward: /metrics /healthz /readyz"
@@ -250,13 +302,46 @@ def parse_bind(bind: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port_text)
 
 
+def _serve(httpd: WSGIServer, stop: int, on_restart: Callable[[], None] | None = None) -> None:
+    """Serve until `stop` is written. If the serving loop fails, it is logged and started again after a capped backoff
+    (a daemon thread that dies is silent, and /healthz with it: issue 12); the socket stays bound meanwhile."""
+    delay = RESTART_INITIAL
+    while True:
+        try:
+            _serve_until(httpd, stop)
+            return
+        except Exception as exc:
+            log.error(
+                "task metrics failed: %s; restarting it in %.1fs", exc, delay, exc_info=True, extra={"task": "metrics"}
+            )
+            if on_restart is not None:
+                on_restart()
+            if select.select([stop], [], [], delay)[0]:
+                return
+            delay = min(delay * 2, RESTART_MAX)
+
+
+def _serve_until(httpd: WSGIServer, stop: int) -> None:
+    """serve_forever without its poll: socketserver wakes every poll_interval to look for a shutdown request (10 times
+    a second, a cost at idle: issue 11). Here the thread sleeps in select until a request comes or `stop` is written."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(httpd, selectors.EVENT_READ)
+        selector.register(stop, selectors.EVENT_READ)
+        while True:
+            ready = selector.select()
+            if any(key.fileobj == stop for key, _ in ready):
+                return
+            httpd.handle_request()  # the socket is readable: accepts without blocking, handles in a thread
+
+
 class Server:
     """The metrics and health endpoint, served from a daemon thread."""
 
-    def __init__(self, httpd: WSGIServer, thread: threading.Thread, stopping: threading.Event) -> None:
+    def __init__(self, httpd: WSGIServer, thread: threading.Thread, stop_r: int, stop_w: int) -> None:
         self._httpd = httpd
         self._thread = thread
-        self._stopping = stopping
+        self._stop_r = stop_r
+        self._stop_w = stop_w
         address = httpd.server_address
         self.host: str = str(address[0])
         self.port: int = int(address[1])
@@ -268,30 +353,16 @@ class Server:
 
     def close(self) -> None:
         """Stop serving and release the port; safe to call twice."""
-        self._stopping.set()
         if self._thread.is_alive():
-            self._httpd.shutdown()
+            with contextlib.suppress(OSError):
+                os.write(self._stop_w, b"x")
             self._thread.join(timeout=5)
+        if self._stop_w >= 0:
+            for fd in (self._stop_r, self._stop_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._stop_r = self._stop_w = -1
         self._httpd.server_close()
-
-
-def _serve(httpd: WSGIServer, stopping: threading.Event, on_restart: Callable[[], None] | None) -> None:
-    """serve_forever, restarted with a capped backoff if it fails (a daemon thread dies silently otherwise: issue 12;
-    the socket stays bound meanwhile). Requests are served on their own threads: their errors do not come here."""
-    delay = RESTART_INITIAL
-    while not stopping.is_set():
-        try:
-            # poll_interval bounds how long close() waits for serve_forever to notice the shutdown request.
-            httpd.serve_forever(poll_interval=0.1)
-            return  # shutdown() was called
-        except Exception as exc:
-            log.error(
-                "task metrics failed: %s; restarting it in %.1fs", exc, delay, exc_info=True, extra={"task": "metrics"}
-            )
-            if on_restart is not None:
-                on_restart()
-            stopping.wait(delay)
-            delay = min(delay * 2, RESTART_MAX)
 
 
 def start_server(bind: str, metrics: Metrics, health: HealthState, loop_stall_seconds: float = 5.0) -> Server:
@@ -314,15 +385,15 @@ def start_server(bind: str, metrics: Metrics, health: HealthState, loop_stall_se
         )
     except OSError as exc:
         raise OSError(exc.errno, f"cannot serve metrics on {bind}: {exc.strerror}") from None
-    stopping = threading.Event()
+    stop_r, stop_w = os.pipe()
 
     def restarted() -> None:
         metrics.task_restarts.labels(task="metrics").inc()
 
-    thread = threading.Thread(target=_serve, args=(httpd, stopping, restarted), name="pyforward-metrics")
+    thread = threading.Thread(target=_serve, args=(httpd, stop_r, restarted), name="pyforward-metrics")
     thread.daemon = True
     thread.start()
-    server = Server(httpd, thread, stopping)
+    server = Server(httpd, thread, stop_r, stop_w)
     log.debug("serving /metrics, /healthz and /readyz on %s", server.url, extra={"bind": bind})
     return server
 

@@ -61,12 +61,17 @@ class ByteBudget:
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self.waiting = False  # a chunk waits for room
         self._changed = asyncio.Event()
 
     async def acquire(self, size: int) -> None:
         while self.used and self.used + size > self.limit:
             self._changed.clear()
-            await self._changed.wait()
+            self.waiting = True
+            try:
+                await self._changed.wait()
+            finally:
+                self.waiting = False
         self.used += size
 
     def release(self, size: int) -> None:
@@ -80,7 +85,7 @@ class _Building:
 
     entries: list[bytes]
     size: int = 0
-    started: float = 0.0
+    due: float = 0.0  # monotonic time by which it leaves (its first line waited the latency budget then)
     end: Position | None = None
 
 
@@ -204,6 +209,7 @@ class Pipeline:
         self.supervisor = Supervisor(on_restart=self._task_restarted)
         self.checkpoint = CheckpointWriter(
             settings.effective_checkpoint_path,
+            interval=settings.checkpoint_interval,
             on_settled=self._checkpointed,
             on_task=lambda task: self.supervisor.watch("checkpoint", task),
         )
@@ -223,11 +229,14 @@ class Pipeline:
         self._tailer: Tailer | None = None
         self._reported: dict[str, int] = {}
         self._acked_sizes: dict[int, int] = {}  # seq -> source bytes, acked, budget not yet freed
+        self._unsaved = 0  # their sum
         self._marks: deque[tuple[Position, int]] = deque()  # checkpoint positions handed to the writer
         self._released_below = 0  # budget freed for every seq below this
         self._last_ack = 0.0
+        self._last_data = float("-inf")  # monotonic time of the last read that returned lines
         # Chunks being built (gzip), in read order; the sender hands them to the client in that order.
         self._outbox: asyncio.Queue[asyncio.Future[Chunk]] | None = None
+        self._compressing = 0  # chunks in the outbox or being awaited by the sender: later chunks queue behind them
         # One thread, so chunks leave it in the order they went in. gzip releases the GIL: chunk N is compressed
         # while the loop parses chunk N+1 (awaiting each compression serialised the two: profile in bench/README).
         self._compressor: ThreadPoolExecutor | None = None
@@ -285,11 +294,15 @@ class Pipeline:
         # be: shipping goes on with a stale checkpoint). So whatever a crash makes us send again — chunks in
         # flight, and acked ones the checkpoint did not cover yet — stays within max_inflight_bytes.
         self._acked_sizes[chunk.position] = chunk.size
+        self._unsaved += chunk.size
         position = self.tracker.ack(chunk.position)
         if position is not None:
             self.acked_position = position
             self._marks.append((position, self.tracker.acked_below))
-            self.checkpoint.update(position)
+            # Writes are coalesced in time (checkpoint_interval); but what they cover holds budget, so when the reader
+            # waits for room, or acked-but-unsaved bytes are a quarter of the budget (bulk rates), write at once.
+            urgent = self.budget.waiting or self._unsaved * 4 >= self.budget.limit
+            self.checkpoint.update(position, urgent=urgent)
         if self.metrics is not None:
             self.metrics.records_acked.inc(chunk.records)
             self.metrics.chunks_acked.inc()
@@ -308,7 +321,9 @@ class Pipeline:
         if covered is None:
             return  # a retry of a position settled before
         for seq in range(self._released_below, covered):
-            self.budget.release(self._acked_sizes.pop(seq))
+            size = self._acked_sizes.pop(seq)
+            self._unsaved -= size
+            self.budget.release(size)
         self._released_below = max(self._released_below, covered)
         if self.metrics is not None:
             self.metrics.inflight_bytes.set(self.budget.used)
@@ -360,12 +375,16 @@ class Pipeline:
             )
             future.add_done_callback(lambda _: self._compress_slots.release())
         else:
-            future = asyncio.get_running_loop().create_future()
             compress = settings.compress == "gzip"
             chunk = build_chunk(
                 settings.tag, blob, records, size=size, compress=compress, level=settings.compress_level, position=seq
             )
+            if not self._compressing:  # nothing earlier is still compressing: hand it over now, no task hop
+                self._sent(chunk)
+                return
+            future = asyncio.get_running_loop().create_future()
             future.set_result(chunk)
+        self._compressing += 1
         self._outbox.put_nowait(future)
 
     async def _send_loop(self) -> None:
@@ -375,44 +394,46 @@ class Pipeline:
         while True:
             future = await outbox.get()
             try:
-                chunk = await future
+                self._sent(await future)
             finally:
+                self._compressing -= 1
                 outbox.task_done()
-            self.client.submit(chunk)
-            if self.metrics is not None:
-                self.metrics.records_sent.inc(chunk.records)
-                self.metrics.chunks_sent.inc()
-                self.metrics.inflight_bytes.set(self.budget.used)
+
+    def _sent(self, chunk: Chunk) -> None:
+        self.client.submit(chunk)
+        if self.metrics is not None:
+            self.metrics.records_sent.inc(chunk.records)
+            self.metrics.chunks_sent.inc()
+            self.metrics.inflight_bytes.set(self.budget.used)
 
     async def _read_loop(self, tailer: Tailer, building: _Building) -> None:
-        """Read, encode, cut chunks. A chunk goes when full, or flush_interval after its first line was seen.
+        """Read, encode, cut chunks. A chunk leaves when it is full, or when its first line has waited the latency
+        budget (flush_interval); a line written after a quiet spell leaves at once.
 
-        Caught up with the writer, the loop does not read each line as it is appended (each read_batch costs
-        thread hops: most of a core at 1,000 lines/s, bench/README.md). Woken by a write, it lets the writer go
-        on for flush_interval and takes what was written in one read and one chunk.
+        What a chunk costs (a gzip member, a TLS record, an ack, a read, wakeups) is paid per chunk, not per line:
+        at steady rates it was most of the sidecar's CPU (issue 11: 22 % of a core at 100 events/s with a chunk
+        every 5 ms). So, caught up with the writer, the loop sleeps until a write, lets the writer go on for the
+        budget, and takes what was written in one read and one chunk: at most about 1/flush_interval chunks a
+        second whatever the rate, and no line waits longer than the budget. When the last lines were read longer
+        than the budget ago, waiting would save nothing (the chunk would hold this one write): the line goes now.
         """
         settings = self.settings
-        flush = settings.flush_interval
+        budget = settings.flush_interval
         parse = self.parser.parse
         pack = self.packer.pack_entry
         encode = self.encoder.encode
         max_bytes = settings.chunk_max_bytes
         max_records = settings.chunk_max_records
-        woke: float | None = None  # when the write that ended the last idle wait was seen
+        due: float | None = None  # when the lines of the next read must leave (set by a wait for the writer)
         while True:
             batch = await tailer.read_batch(max(max_bytes - building.size, 1))
             if batch is None:  # caught up
-                if building.entries:
-                    wait = building.started + flush - time.monotonic()
-                    if wait > 0:  # the lines written until the chunk is due are read in one go then
-                        await asyncio.sleep(wait)
-                        continue
-                    await self._submit(building)
-                woke = await self._idle(tailer)
+                due = await self._settle(tailer, building)
                 continue
+            self._last_data = time.monotonic()
             if not building.entries:
-                building.started = time.monotonic() if woke is None else woke
-            woke = None
+                building.due = due if due is not None else self._last_data + budget
+            due = None
             now = EventTime.now()
             lines = batch.lines
             truncated = dict(batch.truncated) if batch.truncated else {}
@@ -443,26 +464,30 @@ class Pipeline:
                         file=batch.end.file, offset=offset, path=batch.end.path, size=batch.end.size
                     )
                     await self._submit(building)
-                    building.started = time.monotonic()
+                    building.due = time.monotonic() + budget
                 first = last
             self._count(len(lines), batch.size)
             if building.size >= max_bytes or len(building.entries) >= max_records:
                 await self._submit(building)
-            elif batch.caught_up:  # as a read_batch returning None would say, without its thread round trips
-                wait = building.started + flush - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                else:
-                    await self._submit(building)
-                    woke = await self._idle(tailer)
+            elif batch.caught_up:  # as a read_batch returning None would say, without reading again
+                due = await self._settle(tailer, building)
 
-    async def _idle(self, tailer: Tailer) -> float:
-        """Wait for the writer; then give it flush_interval to write more. Returns when the write was seen."""
+    async def _settle(self, tailer: Tailer, building: _Building) -> float | None:
+        """Caught up: sleep until the chunk being built is due (then read once more and return None), or send it and
+        wait for the writer (then return when the lines written meanwhile are due)."""
+        if building.entries:
+            wait = building.due - time.monotonic()
+            if wait > 0:  # the lines written until the chunk is due are read in one go then
+                await asyncio.sleep(wait)
+                return None
+            await self._submit(building)
         await tailer.wait(None)
         woke = time.monotonic()
-        if self.settings.flush_interval > 0:
-            await asyncio.sleep(self.settings.flush_interval)
-        return woke
+        budget = self.settings.flush_interval
+        if woke - self._last_data >= budget:
+            return woke  # a write after a quiet spell: nothing to batch it with, ship it at once
+        await asyncio.sleep(budget)  # the writer goes on meanwhile: one read, one chunk for all of it
+        return woke + budget
 
     def _delta(self, name: str, current: int) -> int:
         """How much a plain stats counter grew since it was last reported to Prometheus."""
@@ -489,47 +514,49 @@ class Pipeline:
         if grown > 0:
             self.metrics.truncated_lines.inc(grown)
 
-    # --- periodic state: backlog, certificate expiry -------------------------------------------------------
-    async def _observe(self) -> None:
+    # --- state computed when looked at: backlog, certificate expiry ---------------------------------------------
+    async def _refresh_metrics(self) -> None:
+        """Bring the gauges and the counters kept in plain stats up to date. Run on the loop when /metrics or /readyz
+        is asked (metrics.HealthState.refresh), not on a timer: an idle sidecar does no periodic work (issue 11)."""
+        backlog = self.budget.used
         files = log_files = 0
-        while True:
-            backlog = self.budget.used
-            if self._tailer is not None:
-                # Every unread backup counts (issue 12); this look also finds the backups deleted unread.
-                with contextlib.suppress(OSError):
-                    unread, files, log_files = await asyncio.to_thread(self._tailer.backlog)
-                    backlog += unread
-            if self.health is not None:
-                self.health.backlog_bytes = backlog
-            if self.metrics is not None:
-                self.metrics.backlog_bytes.set(backlog)
-                behind = 0.0
-                if backlog > self.budget.used and self._last_ack:
-                    behind = max(0.0, time.time() - self._last_ack)
-                self.metrics.backlog_seconds.set(behind if backlog else 0.0)
-                for name, material in (("receiver", self.tls), ("proxy", self.proxy.tls if self.proxy else None)):
-                    if material is not None and material.generation:
-                        expiry = material.seconds_to_expiry()
-                        if expiry is not None:
-                            self.metrics.certificate_expiry_seconds.labels(cert=name).set(expiry)
-                for result, current in (("ok", self.checkpoint.writes), ("error", self.checkpoint.failures)):
-                    grown = self._delta(f"checkpoint_{result}", current)
-                    if grown > 0:
-                        self.metrics.checkpoint_writes.labels(result=result).inc(grown)
-                self.metrics.backlog_files.set(files)
-                self.metrics.log_files.set(log_files)
-                for name, current in (
-                    ("rotations", self.tailer_stats.rotations),
-                    ("truncation_lost_bytes", self.tailer_stats.truncation_bytes_lost),
-                    ("lost_files", self.tailer_stats.lost_files),
-                    ("lost_bytes", self.tailer_stats.lost_bytes),
-                    ("checkpoint_misses", self.tailer_stats.checkpoint_misses),
-                    ("unreadable_files", self.tailer_stats.unreadable_files),
-                ):
-                    grown = self._delta(name, current)
-                    if grown > 0:
-                        getattr(self.metrics, name).inc(grown)
-            await asyncio.sleep(1.0)
+        if self._tailer is not None:
+            # Every unread backup counts (issue 12); this look also finds the backups deleted unread. In a thread: it
+            # lists the directory when that changed since the tailer's last listing.
+            with contextlib.suppress(OSError):
+                unread, files, log_files = await asyncio.to_thread(self._tailer.backlog)
+                backlog += unread
+        if self.health is not None:
+            self.health.backlog_bytes = backlog
+        if self.metrics is None:
+            return
+        self.metrics.backlog_bytes.set(backlog)
+        behind = 0.0
+        if backlog > self.budget.used and self._last_ack:
+            behind = max(0.0, time.time() - self._last_ack)
+        self.metrics.backlog_seconds.set(behind if backlog else 0.0)
+        for name, material in (("receiver", self.tls), ("proxy", self.proxy.tls if self.proxy else None)):
+            if material is not None and material.generation:
+                expiry = material.seconds_to_expiry()
+                if expiry is not None:
+                    self.metrics.certificate_expiry_seconds.labels(cert=name).set(expiry)
+        for result, current in (("ok", self.checkpoint.writes), ("error", self.checkpoint.failures)):
+            grown = self._delta(f"checkpoint_{result}", current)
+            if grown > 0:
+                self.metrics.checkpoint_writes.labels(result=result).inc(grown)
+        self.metrics.backlog_files.set(files)
+        self.metrics.log_files.set(log_files)
+        for name, current in (
+            ("rotations", self.tailer_stats.rotations),
+            ("truncation_lost_bytes", self.tailer_stats.truncation_bytes_lost),
+            ("lost_files", self.tailer_stats.lost_files),
+            ("lost_bytes", self.tailer_stats.lost_bytes),
+            ("checkpoint_misses", self.tailer_stats.checkpoint_misses),
+            ("unreadable_files", self.tailer_stats.unreadable_files),
+        ):
+            grown = self._delta(name, current)
+            if grown > 0:
+                getattr(self.metrics, name).inc(grown)
 
     # --- run -----------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, start: Position | None) -> int:
@@ -559,10 +586,11 @@ class Pipeline:
             f" from {start.path} at offset {start.offset}" if start else f" from the {settings.start_at}",
         )
         # Supervised (docs/architecture.md has the table): a failure is logged with its traceback, then the task
-        # is restarted with backoff (discovery, observe) or `run` ends with exit code 1 (the others).
+        # is restarted with backoff (discovery) or `run` ends with exit code 1 (the others).
         supervisor = self.supervisor
         supervisor.watch("client", self.client.start())
-        supervisor.spawn("observe", self._observe, Policy.RESTART)
+        if self.health is not None:
+            self.health.refresh = self._refresh_metrics
         if self.discovery is not None:
             supervisor.spawn("discovery", self.discovery.run, Policy.RESTART)
         building = _Building(entries=[])

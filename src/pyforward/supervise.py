@@ -6,8 +6,8 @@ task is started through a Supervisor, and an unexpected exception is logged at E
 depending on the task (the table is in docs/architecture.md):
 
 * RESTART: run it again after a capped exponential backoff, counted in ``pyforward_task_restarts_total{task}``.
-  For tasks that rebuild their state when they start (discovery lists and watches again; the metrics loop only
-  reads counters).
+  For tasks that rebuild their state when they start (discovery lists and watches again). The metrics HTTP server
+  thread does the same for itself (metrics.py).
 * EXIT: `pyforward run` stops with exit code 1 and the kubelet restarts the container. For tasks whose state may be
   inconsistent after a bug (the read loop, the chunk sender, the client, the checkpoint writer): a restart resumes
   at the checkpoint and sends at most ``max_inflight_bytes`` again, which is cheap and certainly correct.

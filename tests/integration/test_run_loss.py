@@ -107,22 +107,24 @@ def test_discovery_without_kubernetes_asyncio_exits_2_with_one_line(harness: Har
 _CRASH = '''
 import os
 
-import pyforward.pipeline as pipeline
-
 _task = os.environ["PYFORWARD_TEST_CRASH"]
-_calls = {"n": 0}
 
-if _task == "observe":
-    _real = pipeline.Pipeline._observe
+if _task == "discovery":
+    import asyncio
 
-    async def _observe(self):
+    import pyforward.discovery as discovery
+
+    _calls = {"n": 0}
+
+    async def _run(self):
         _calls["n"] += 1
         if _calls["n"] == 1:
-            raise RuntimeError("injected failure in the observe task")
-        await _real(self)
+            raise RuntimeError("injected failure in discovery")
+        await asyncio.Event().wait()  # then it runs (quietly: no cluster here)
 
-    pipeline.Pipeline._observe = _observe
+    discovery.Discovery.run = _run
 elif _task == "tailer":
+    import pyforward.pipeline as pipeline
 
     async def _read_loop(self, tailer, building):
         await tailer.read_batch(1)
@@ -141,27 +143,24 @@ def _crashing(root: Path) -> Path:
 
 
 def test_a_failing_restartable_task_is_logged_with_its_traceback_and_restarted(harness: Harness) -> None:
-    receiver = harness.receiver()
-    ids = harness.audit_log().write(50)
+    harness.audit_log().write(50)
     bind = f"127.0.0.1:{free_port()}"
-    env = harness.run_env(receiver, metrics_bind=bind)
-    env["PYFORWARD_TEST_CRASH"] = "observe"
+    env = harness.run_env(metrics_bind=bind, shutdown_timeout=1)
+    env = {k: v for k, v in env.items() if k not in ("PYFORWARD_HOST", "PYFORWARD_PORT")}
+    env.update({"PYFORWARD_TEST_CRASH": "discovery", "PYFORWARD_SERVICE_NAME": "audittailer"})
     run = harness.run(with_pythonpath(env, _crashing(harness.root)))
-    run.wait_log(r"task observe failed: RuntimeError: injected failure in the observe task; restarting it in",
-                 level="error")
-    [entry] = [e for e in run.logs() if str(e.get("msg")).startswith("task observe failed")]
+    run.wait_log(r"task discovery failed: RuntimeError: injected failure in discovery; restarting it in", level="error")
+    [entry] = [e for e in run.logs() if str(e.get("msg")).startswith("task discovery failed")]
     assert "Traceback" in entry["exc"]
-    assert "injected failure in the observe task" in entry["exc"]
-    assert entry["task"] == "observe"
+    assert "injected failure in discovery" in entry["exc"]
+    assert entry["task"] == "discovery"
 
     def restarted() -> dict[str, float] | None:
         values = try_metrics(bind)
-        ok = values.get('pyforward_task_restarts_total{task="observe"}') == 1 and values.get("pyforward_log_files")
-        return values if ok else None
+        return values if values.get('pyforward_task_restarts_total{task="discovery"}') == 1 else None
 
-    run.wait_until(restarted, 30, what="the observe task to be counted and to run again")
-    counts = harness.wait_delivered(ids, receiver.received(), run=run)
-    assert_delivered(ids, counts)
+    run.wait_until(restarted, 30, what="the discovery task to be counted as restarted")
+    assert run.alive
     assert run.terminate() == 0
 
 

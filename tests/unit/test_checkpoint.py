@@ -50,7 +50,7 @@ def test_identity_matches_its_head_and_longer_heads_only() -> None:
     assert full.matches_head(head)
     assert full.matches_head(head[:FINGERPRINT_BYTES])
     assert not full.matches_head(head[: FINGERPRINT_BYTES - 1])  # shorter than the fingerprint
-    assert not full.matches_head(b"X" + head[1:])
+    assert not full.matches_head(bytes([head[0] ^ 0xFF]) + head[1:])  # (b"X" + ... matched 1 time in 256)
     short = FileIdentity.of(1, 2, head[:10])
     assert short.fp_len == 10
     assert short.matches_head(head)  # the file grew since: still the same file

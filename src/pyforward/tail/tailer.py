@@ -42,6 +42,9 @@ _T = TypeVar("_T")
 #: Rate limit for repeating an unchanged problem in the log (permission denied, directory missing, ...).
 _PROBLEM_REPEAT = 300.0
 
+#: Reads of at most this many bytes (a plain file caught up with its writer) are done on the event loop.
+_INLINE_READ_BYTES = 64 << 10
+
 #: The finished files remembered to never read one twice (a backup that reappears as `.gz`, ...).
 _HISTORY = 64
 
@@ -314,6 +317,9 @@ class Tailer:
             self._buf, self._buf_pos = b"", 0
 
     async def _fill(self, batch: _Batch, max_bytes: int) -> None:
+        # The last read of a plain file reached the size its fstat gave: a second read would only find the end (the
+        # watcher was marked before, so a later write still wakes the next wait). Saves a read per caught-up batch.
+        at_end = False
         while True:
             src = self._cur
             if src is None:
@@ -329,7 +335,11 @@ class Tailer:
                 if self._buf or (batch.lines and self._line_off - batch.start >= max_bytes):
                     return  # batch full
                 continue
-            result = await self._read(src)
+            if at_end:
+                at_end = False
+                result = ReadResult(b"", size=src.size)
+            else:
+                result = await self._read(src)
             if result.truncated:
                 if batch.lines:  # return these first, under the identity they were read with
                     return
@@ -350,8 +360,13 @@ class Tailer:
                 src.read_off += len(result.data)
                 src.size = max(src.size, result.size)
                 self._buf, self._buf_pos = result.data, 0
+                at_end = src.gz is None and src.read_off >= result.size
                 continue
             elif not src.complete:  # at the end of the live file: is it still the live file?
+                # One stat on the loop answers the common case (no rotation); a thread only for the listing.
+                if self._still_live(src):
+                    batch.caught_up = True
+                    return  # caught up
                 moved, backup, ts = await asyncio.to_thread(self._moved_away, src)
                 if not moved:
                     batch.caught_up = True
@@ -378,6 +393,17 @@ class Tailer:
         # A read cancelled with its caller still completes in its thread; for a .gz the bytes are gone from
         # the decompressor then, so the next call takes that result instead of reading again.
         fut = src.inflight
+        if fut is None and src.gz is None:
+            # Caught up with the writer, a read is a few KiB that were written a moment ago (page cache): reading them
+            # on the loop costs microseconds, a worker thread round trip ~0.1 ms of CPU and a wakeup, per read, which
+            # made most of the cost at steady rates (issue 11). A backlog is still read in a thread, 1 MiB at a time.
+            head = None if src.complete else bytes(src.head)
+            try:
+                pending = os.fstat(src.fd).st_size - src.read_off
+            except OSError:
+                pending = _INLINE_READ_BYTES + 1  # let the thread's read raise it as before
+            if pending <= _INLINE_READ_BYTES:
+                return read_plain(src.fd, src.read_off, min(self._read_size, _INLINE_READ_BYTES), head)
         if fut is None:
             if src.gz is not None:
                 fut = asyncio.ensure_future(asyncio.to_thread(read_gz, src.gz, self._read_size))
@@ -394,6 +420,13 @@ class Tailer:
             raise
         src.inflight = None
         return result
+
+    def _still_live(self, src: Source) -> bool:
+        """Does the log path still name `src`? (False: look closer, in _moved_away.)"""
+        try:
+            return src.same_inode(os.stat(self._path))
+        except OSError:
+            return False
 
     def _moved_away(self, src: Source) -> tuple[bool, Path | None, str | None]:
         """Does the log path no longer name `src`? And the backup it is now (name, timestamp), if found. Blocking."""

@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from pyforward.tail.file import Source
@@ -16,6 +18,13 @@ try:  # Linux only (a dependency only there); elsewhere wait() polls
     import asyncinotify
 
     _HAVE_INOTIFY = True
+    _M = asyncinotify.Mask
+    _WATCH_MASK = (
+        _M.CREATE | _M.MODIFY | _M.MOVED_TO | _M.MOVED_FROM | _M.DELETE | _M.ATTRIB | _M.CLOSE_WRITE | _M.DELETE_SELF
+        | _M.MOVE_SELF
+    )  # fmt: skip
+    _IGNORED = int(_M.IGNORED)
+    _RENAMED = int(_M.CREATE | _M.DELETE | _M.MOVED_FROM | _M.MOVED_TO)
 except ImportError:  # pragma: no cover
     _HAVE_INOTIFY = False
 
@@ -36,6 +45,13 @@ def stat_key(path: Path) -> object:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode)
 
 
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    dirs: list[Path]  # directories to watch: the log's, and its target's if it is a symlink elsewhere
+    names: frozenset[str]  # the log's name and its target's
+    patterns: list[re.Pattern[str]]  # backup names
+
+
 class Watcher:
     """Tells the tailer when the log may have changed. `current` gives the file being read (its size is part of
     what polling compares)."""
@@ -53,11 +69,19 @@ class Watcher:
         self._polled = True
         self.inotify: asyncinotify.Inotify | None = None
         self._watched: dict[Path, tuple[int, int]] = {}  # dir -> (dev, ino) watched
+        self._layout: _Layout | None = None
 
     async def mark(self) -> None:
         """Called as a read begins: a change after this makes the next wait() return."""
         if self._polled:  # only polling needs the baseline: with inotify, one thread round trip less per read
             self._baseline = await asyncio.to_thread(self.signature)
+        elif self.inotify is not None:
+            # The read that follows sees every change made so far: the events queued for them would only make the
+            # next wait() return at once for nothing (a read that finds nothing: thread round trips, a wakeup), once
+            # per chunk at steady rates (issue 11). A change after this drain queues a new event.
+            relevant = self._matcher()
+            while (event := self.inotify.sync_get()) is not None:
+                relevant(event)
 
     async def wait(self, timeout: float | None) -> None:
         """Return when the log may have changed (inotify, else polling every poll_interval) or on timeout.
@@ -103,11 +127,20 @@ class Watcher:
             await asyncio.sleep(min(self._poll_interval, remaining))
 
     def _watch_dirs(self) -> list[Path]:
-        dirs = [self._path.parent]
-        real_parent = Path(os.path.realpath(self._path)).parent
-        if real_parent != Path(os.path.realpath(self._path.parent)):
-            dirs.append(real_parent)
-        return dirs
+        return self._get_layout().dirs
+
+    def _get_layout(self) -> _Layout:
+        """Where the log really is (it may be a symlink) and the names that matter, worked out once and again only after
+        a change of the log's name, its directories or a quiet wait: realpath costs a few syscalls each time, and
+        doing it per wait and per event was a good part of the CPU at steady rates (issue 11)."""
+        if self._layout is None:
+            real = Path(os.path.realpath(self._path))
+            dirs = [self._path.parent]
+            if real.parent != Path(os.path.realpath(self._path.parent)):
+                dirs.append(real.parent)
+            names = frozenset({self._path.name, real.name})
+            self._layout = _Layout(dirs, names, [pattern for _, pattern in specs(self._path)])
+        return self._layout
 
     def _ensure_inotify(self) -> asyncinotify.Inotify | None:
         """An inotify watching the log's directories, or None to poll (disabled, unavailable, a dir is
@@ -127,11 +160,7 @@ class Watcher:
                 )
                 self._use_inotify = False
                 return None
-        Mask = asyncinotify.Mask
-        mask = (
-            Mask.CREATE | Mask.MODIFY | Mask.MOVED_TO | Mask.MOVED_FROM | Mask.DELETE | Mask.ATTRIB
-            | Mask.CLOSE_WRITE | Mask.DELETE_SELF | Mask.MOVE_SELF
-        )  # fmt: skip
+        mask = _WATCH_MASK
         complete = True
         for directory in self._watch_dirs():
             try:
@@ -145,31 +174,44 @@ class Watcher:
                 complete = False
         return self.inotify if complete else None
 
-    def _relevant(self, event: asyncinotify.Event) -> bool:
-        Mask = asyncinotify.Mask
-        if Mask.IGNORED in event.mask:  # the watched directory is gone: re-watch once it is back
-            if event.watch is not None:
-                self._watched.pop(event.watch.path, None)
-            return True
-        if event.name is None:
-            return True  # about the directory itself, or queue overflow
-        name = str(event.name)
-        real = Path(os.path.realpath(self._path)).name
-        if name in (self._path.name, real):
-            return True
-        return any(pattern.fullmatch(name) for _, pattern in specs(self._path))
+    def _matcher(self) -> Callable[[asyncinotify.Event], bool]:
+        """A test of whether an event is about the log, its directories or its backups. (Masks are tested as plain
+        ints: enum.Flag operators run Python code, a few of them per event added up at steady rates.)"""
+        layout = self._get_layout()
+        names, patterns = layout.names, layout.patterns
+
+        def relevant(event: asyncinotify.Event) -> bool:
+            mask = int(event.mask)
+            if mask & _IGNORED:  # the watched directory is gone: re-watch once it is back
+                if event.watch is not None:
+                    self._watched.pop(event.watch.path, None)
+                self._layout = None
+                return True
+            if event.name is None:
+                self._layout = None
+                return True  # about the directory itself, or queue overflow
+            name = str(event.name)
+            if name in names:
+                if mask & _RENAMED:  # a new file or symlink at the log's name: it may point elsewhere now
+                    self._layout = None
+                return True
+            return any(pattern.fullmatch(name) for pattern in patterns)
+
+        return relevant
 
     async def _wait_inotify(self, inotify: asyncinotify.Inotify, limit: float) -> None:
         # Events queued while we were reading make this return at once: that can be one spurious wakeup,
         # never a missed one (they are drained below, after which any change makes a new event).
+        relevant = self._matcher()
         try:
             async with asyncio.timeout(limit):
-                while not self._relevant(await inotify.get()):
+                while not relevant(await inotify.get()):
                     pass
         except TimeoutError:
+            self._layout = None  # the safety wakeup also looks at the layout afresh (a missed event, a moved dir)
             return
         while (event := inotify.sync_get()) is not None:
-            self._relevant(event)
+            relevant(event)
 
 
 class DirectoryEvents:
