@@ -19,8 +19,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
 COPY . .
-# Extras: "kubernetes" (discovery of the receiver Service and the certificate Secret) is needed in production.
-# "fast" (uvloop, +14 MB) only pays off once the CLI installs uvloop's event loop policy.
+# Extras: "kubernetes" is kept for compatibility and is empty (kubernetes-asyncio, for discovery of the receiver
+# Service and the certificate Secret, is a dependency now). "fast" (uvloop, +14 MB) only pays off once the CLI
+# installs uvloop's event loop policy.
 ARG EXTRAS=kubernetes
 RUN pip wheel --wheel-dir /wheels ".[${EXTRAS}]"
 

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,10 @@ class Position:
     file: FileIdentity
     offset: int
     path: str  # only for messages: the name the file had when it was read
+    # Only for messages and loss accounting: the file's size in bytes when the position was taken (0: unknown, e.g.
+    # a .gz, whose offsets are into the decompressed data). If the file is gone at the next start, what was lost
+    # is at least size - offset (issue 12: "with the name and size last seen"). Not part of equality.
+    size: int = field(default=0, compare=False)
 
 
 class CheckpointError(Exception):
@@ -100,6 +104,7 @@ def _position_to_json(position: Position) -> dict[str, Any]:
         "file": {"dev": f.dev, "ino": f.ino, "fp_len": f.fp_len, "fp_hash": f.fp_hash},
         "offset": position.offset,
         "path": position.path,
+        "size": position.size,
         "written_at": time.time(),  # for operators only
     }
 
@@ -132,7 +137,9 @@ def _position_from_json(doc: Any) -> Position:
         fp_len=fp_len,
         fp_hash=fp_hash,
     )
-    return Position(file=identity, offset=_field(doc, "offset", int, ""), path=_field(doc, "path", str, ""))
+    # "size" came later (still version 1): optional, 0 (unknown) when absent.
+    size = _field(doc, "size", int, "") if "size" in doc else 0
+    return Position(file=identity, offset=_field(doc, "offset", int, ""), path=_field(doc, "path", str, ""), size=size)
 
 
 def load_checkpoint(path: Path) -> Position | None:
@@ -262,8 +269,12 @@ class CheckpointWriter:
         error_log_interval: float = 60.0,
         retry_delay: float = 5.0,
         on_settled: Callable[[Position], None] | None = None,
+        on_task: Callable[[asyncio.Task[None]], None] | None = None,
     ) -> None:
         self.path = path
+        # Called with each background write task as it starts: `pyforward run` supervises them (an unexpected
+        # exception, anything but the OSError handled here, must end the process, not vanish with the task).
+        self._on_task = on_task
         # Called after each write attempt (written or failed) with the position it tried: the pipeline frees
         # the in-flight budget of what the checkpoint now covers, so a crash re-sends at most that budget.
         self._on_settled = on_settled
@@ -300,6 +311,8 @@ class CheckpointWriter:
             self._retry = None
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="checkpoint-writer")
+            if self._on_task is not None:
+                self._on_task(self._task)
 
     @property
     def waiting(self) -> bool:

@@ -108,9 +108,11 @@ class ForwardClient:
         self._held: asyncio.TimerHandle | None = None  # acks not read until it fires (hold_acks)
 
     # --- public API ----------------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self) -> asyncio.Task[None]:
+        """Start the connection loop; returns its task (`pyforward run` supervises it: it must never end)."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="forward-client")
+        return self._task
 
     def submit(self, chunk: Chunk) -> None:
         self._idle.clear()

@@ -16,6 +16,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import select
 import selectors
 import socket
 import threading
@@ -32,6 +33,8 @@ from pyforward import __version__
 
 log = logging.getLogger(__name__)
 
+RESTART_INITIAL, RESTART_MAX = 1.0, 60.0  # backoff of the HTTP server's restarts after a failure
+
 # Ack latency spans a loopback receiver (< 1 ms) to a congested fluentd behind a tunnel (tens of seconds); the
 # client's ack timeout defaults to 30 s, so the top bucket is above it.
 ACK_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -39,6 +42,9 @@ ACK_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 PARSE_ERROR_KINDS = ("json", "not_object", "invalid_utf8", "bad_time")
 CHECKPOINT_RESULTS = ("ok", "error")
 CERT_KINDS = ("receiver", "proxy")
+#: The tasks that are restarted when they fail (pyforward_task_restarts_total{task}); the others end the process
+#: (supervise.py, docs/architecture.md).
+RESTARTED_TASKS = ("discovery", "metrics")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -71,6 +77,23 @@ class Metrics:
             "truncation_lost_bytes",
             "Bytes of the log that were never read because the file was truncated or rewritten in place.",
         )
+        # --- losses (issue 12): created at 0, so that increase() and absent() work from the first scrape ---------
+        self.lost_files = counter(
+            "lost_files",
+            "Rotated log files that disappeared before they were read to their end (the API server's retention ran "
+            "out while shipping was behind), and checkpointed files gone at start. Each is logged at ERROR.",
+        )
+        self.lost_bytes = counter(
+            "lost_bytes",
+            "Bytes of those files that were not read, at the size last seen (compressed bytes for a .gz; files "
+            "created and deleted between two looks are not seen): a lower bound.",
+        )
+        self.checkpoint_misses = counter(
+            "checkpoint_misses", "Starts where the file named by the checkpoint was gone (its unread lines lost)."
+        )
+        self.unreadable_files = counter(
+            "unreadable_files", "Rotated files skipped or cut short because they could not be read (corrupt .gz)."
+        )
         self.parse_errors = counter(
             "parse_errors",
             "Lines shipped with a parse problem, by kind (json, not_object, invalid_utf8, bad_time).",
@@ -97,7 +120,14 @@ class Metrics:
         self.checkpoint_writes = counter("checkpoint_writes", "Checkpoint writes, by result (ok, error).", ("result",))
         # --- state --------------------------------------------------------------------------------------------
         self.backlog_bytes = gauge(
-            "backlog_bytes", "Bytes in the audit log and its rotated files not yet acked (the file is the buffer)."
+            "backlog_bytes",
+            "Bytes in the audit log and its rotated files not yet acked (the file is the buffer): the rest of the "
+            "file being read, every unread backup, the live log, and what is in flight. A gzipped backup counts at "
+            "its size on disk (compressed: less than it holds).",
+        )
+        self.log_files = gauge("log_files", "Files of the audit log present at the last look: the live log + backups.")
+        self.backlog_files = gauge(
+            "backlog_files", "Of those, files not yet read to their end, the one being read included."
         )
         self.backlog_seconds = gauge(
             "backlog_seconds", "Age in seconds of the oldest line not yet acked; 0 when caught up."
@@ -113,6 +143,11 @@ class Metrics:
             "last_ack_timestamp_seconds", "Unix time of the last ack received; 0 before the first."
         )
         self.build_info = gauge("build_info", "Always 1; the labels name the running version.", ("version",))
+        self.task_restarts = counter(
+            "task_restarts",
+            "Background tasks restarted after an unexpected error (logged at ERROR with a traceback), by task.",
+            ("task",),
+        )
 
         # Label values known in advance are created at 0, so that rate() and absent() work from the first scrape.
         # Certificate expiry is left unset until a certificate is loaded: a 0 would read as "expired".
@@ -120,6 +155,8 @@ class Metrics:
             self.parse_errors.labels(kind=kind)
         for result in CHECKPOINT_RESULTS:
             self.checkpoint_writes.labels(result=result)
+        for task in RESTARTED_TASKS:
+            self.task_restarts.labels(task=task)
         self.build_info.labels(version=__version__).set(1)
 
 
@@ -243,6 +280,10 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints the traceback to stderr, outside the JSON logs.
+        log.error("metrics: handling a request from %s failed", client_address, exc_info=True)
+
 
 class _QuietHandler(WSGIRequestHandler):
     # A client that connects and sends nothing would hold its thread forever: bound every socket read.
@@ -262,7 +303,26 @@ def parse_bind(bind: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port_text)
 
 
-def _serve(httpd: WSGIServer, stop: int) -> None:
+def _serve(httpd: WSGIServer, stop: int, on_restart: Callable[[], None] | None = None) -> None:
+    """Serve until `stop` is written. If the serving loop fails, it is logged and started again after a capped backoff
+    (a daemon thread that dies is silent, and /healthz with it: issue 12); the socket stays bound meanwhile."""
+    delay = RESTART_INITIAL
+    while True:
+        try:
+            _serve_until(httpd, stop)
+            return
+        except Exception as exc:
+            log.error(
+                "task metrics failed: %s; restarting it in %.1fs", exc, delay, exc_info=True, extra={"task": "metrics"}
+            )
+            if on_restart is not None:
+                on_restart()
+            if select.select([stop], [], [], delay)[0]:
+                return
+            delay = min(delay * 2, RESTART_MAX)
+
+
+def _serve_until(httpd: WSGIServer, stop: int) -> None:
     """serve_forever without its poll: socketserver wakes every poll_interval to look for a shutdown request (10 times
     a second, a cost at idle: issue 11). Here the thread sleeps in select until a request comes or `stop` is written."""
     with selectors.DefaultSelector() as selector:
@@ -327,7 +387,11 @@ def start_server(bind: str, metrics: Metrics, health: HealthState, loop_stall_se
     except OSError as exc:
         raise OSError(exc.errno, f"cannot serve metrics on {bind}: {exc.strerror}") from None
     stop_r, stop_w = os.pipe()
-    thread = threading.Thread(target=_serve, args=(httpd, stop_r), name="pyforward-metrics")
+
+    def restarted() -> None:
+        metrics.task_restarts.labels(task="metrics").inc()
+
+    thread = threading.Thread(target=_serve, args=(httpd, stop_r, restarted), name="pyforward-metrics")
     thread.daemon = True
     thread.start()
     server = Server(httpd, thread, stop_r, stop_w)

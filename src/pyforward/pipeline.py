@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
-import os
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyforward.certs import CertError, TLSFiles, TLSMaterial
 from pyforward.checkpoint import AckTracker, CheckpointError, CheckpointWriter, Position, load_checkpoint
@@ -26,6 +25,7 @@ from pyforward.client import ClientConfig, ForwardClient, NoDestination, Stream
 from pyforward.protocol import Chunk, EntryPacker, EventTime, build_chunk
 from pyforward.records import EntryEncoder, RecordParser, RecordStats
 from pyforward.settings import Settings, env_name
+from pyforward.supervise import Policy, Supervisor
 from pyforward.tail import Tailer, TailerStats
 from pyforward.transport import Destination, Proxy, open_stream
 
@@ -38,6 +38,21 @@ log = logging.getLogger("pyforward.run")
 
 class StartupError(Exception):
     """A problem found before anything starts: one line for the operator, exit code 2."""
+
+
+def _require_discovery_package(settings: Settings) -> None:
+    """Discovery needs kubernetes-asyncio: import it now (~1 s), so that a missing or broken package is one line at
+    start, not a background task failing after "shipping ..." (issue 12)."""
+    try:
+        importlib.import_module("kubernetes_asyncio.client")
+    except Exception as exc:  # ImportError, or whatever a broken install raises while importing
+        raise StartupError(
+            f"discovery of the receiver (Service {settings.namespace}/{settings.service_name}; set because "
+            f"{env_name('host')} is not) needs the Python package kubernetes-asyncio, which cannot be imported "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'no details'}): install it "
+            f"(pip install kubernetes-asyncio, a dependency of pyforward), or set {env_name('host')} to ship to a "
+            "fixed address"
+        ) from None
 
 
 class ByteBudget:
@@ -192,8 +207,13 @@ class Pipeline:
         self.packer = EntryPacker()
         self.encoder = EntryEncoder(self.parser, self.packer)
         self.tracker = AckTracker()
+        # Every long-running task of `run` is started through it: none dies silently (issue 12, supervise.py).
+        self.supervisor = Supervisor(on_restart=self._task_restarted)
         self.checkpoint = CheckpointWriter(
-            settings.effective_checkpoint_path, interval=settings.checkpoint_interval, on_settled=self._checkpointed
+            settings.effective_checkpoint_path,
+            interval=settings.checkpoint_interval,
+            on_settled=self._checkpointed,
+            on_task=lambda task: self.supervisor.watch("checkpoint", task),
         )
         self.budget = ByteBudget(settings.max_inflight_bytes)
         self.proxy = proxy_from(settings)
@@ -229,9 +249,11 @@ class Pipeline:
 
     # --- start-up ------------------------------------------------------------------------------------------
     def check_startup(self) -> Position | None:
-        """Everything that must fail before anything starts: certificates, the checkpoint."""
+        """Everything that must fail before anything starts: certificates, packages, the checkpoint."""
         if not self.settings.discovery_enabled:
             load_receiver_tls(self.settings, self.tls)
+        else:
+            _require_discovery_package(self.settings)
         try:
             return load_checkpoint(self.settings.effective_checkpoint_path)
         except CheckpointError as exc:
@@ -443,7 +465,9 @@ class Pipeline:
                     used = sum(truncated.get(i, len(lines[i])) + 1 for i in range(first, last))
                     offset += used
                     building.size += used
-                    building.end = Position(file=batch.end.file, offset=offset, path=batch.end.path)
+                    building.end = Position(
+                        file=batch.end.file, offset=offset, path=batch.end.path, size=batch.end.size
+                    )
                     await self._submit(building)
                     building.due = time.monotonic() + budget
                 first = last
@@ -514,12 +538,13 @@ class Pipeline:
         """Bring the gauges and the counters kept in plain stats up to date. Run on the loop when /metrics or /readyz
         is asked (metrics.HealthState.refresh), not on a timer: an idle sidecar does no periodic work (issue 11)."""
         backlog = self.budget.used
-        position = self._tailer.position if self._tailer is not None else None
-        if position is not None:
+        files = log_files = 0
+        if self._tailer is not None:
+            # Every unread backup counts (issue 12); this look also finds the backups deleted unread. In a thread: it
+            # lists the directory when that changed since the tailer's last listing.
             with contextlib.suppress(OSError):
-                backlog += max(0, os.stat(position.path).st_size - position.offset)
-                if Path(position.path) != self.settings.log_path:
-                    backlog += os.stat(self.settings.log_path).st_size
+                unread, files, log_files = await asyncio.to_thread(self._tailer.backlog)
+                backlog += unread
         if self.health is not None:
             self.health.backlog_bytes = backlog
         if self.metrics is None:
@@ -538,9 +563,15 @@ class Pipeline:
             grown = self._delta(f"checkpoint_{result}", current)
             if grown > 0:
                 self.metrics.checkpoint_writes.labels(result=result).inc(grown)
+        self.metrics.backlog_files.set(files)
+        self.metrics.log_files.set(log_files)
         for name, current in (
             ("rotations", self.tailer_stats.rotations),
             ("truncation_lost_bytes", self.tailer_stats.truncation_bytes_lost),
+            ("lost_files", self.tailer_stats.lost_files),
+            ("lost_bytes", self.tailer_stats.lost_bytes),
+            ("checkpoint_misses", self.tailer_stats.checkpoint_misses),
+            ("unreadable_files", self.tailer_stats.unreadable_files),
         ):
             grown = self._delta(name, current)
             if grown > 0:
@@ -573,33 +604,44 @@ class Pipeline:
             settings.compress,
             f" from {start.path} at offset {start.offset}" if start else f" from the {settings.start_at}",
         )
-        self.client.start()
+        # Supervised (docs/architecture.md has the table): a failure is logged with its traceback, then the task
+        # is restarted with backoff (discovery) or `run` ends with exit code 1 (the others).
+        supervisor = self.supervisor
+        supervisor.watch("client", self.client.start())
         if self.health is not None:
             self.health.refresh = self._refresh_metrics
-        background: list[asyncio.Task[None]] = []
         if self.discovery is not None:
-            background.append(asyncio.create_task(self.discovery.run(), name="discovery"))
+            supervisor.spawn("discovery", self.discovery.run, Policy.RESTART)
         building = _Building(entries=[])
         self._outbox = asyncio.Queue()
-        background.append(asyncio.create_task(self._send_loop(), name="chunk-sender"))
-        reader = asyncio.create_task(self._read_loop(tailer, building), name="read-loop")
+        supervisor.spawn("sender", self._send_loop, Policy.EXIT)
+        reader = supervisor.spawn("tailer", lambda: self._read_loop(tailer, building), Policy.EXIT)
         stopper = asyncio.create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait({reader, stopper, background[-1]}, return_when=asyncio.FIRST_COMPLETED)
-            if reader in done:
-                reader.result()  # re-raise a crash of the read loop
-            if background[-1] in done:
-                background[-1].result()  # ... or of the sender (a chunk that could not be built)
+            waiting: list[asyncio.Future[Any]] = [reader, stopper, supervisor.failed]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if supervisor.failed.done():
+                return await self._abort()
             return await self._shutdown(reader, building)
         finally:
             stopper.cancel()
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await self.client.close()
+            await supervisor.close()
+            with contextlib.suppress(Exception):  # a client that failed was logged already (supervisor)
+                await self.client.close()
             await tailer.close()
             if self._compressor is not None:
                 self._compressor.shutdown(wait=False, cancel_futures=True)
+
+    def _task_restarted(self, task: str) -> None:
+        if self.metrics is not None:
+            self.metrics.task_restarts.labels(task=task).inc()
+
+    async def _abort(self) -> int:
+        """A task that must not fail failed (logged by the supervisor): stop now, without reading or sending more;
+        the checkpoint keeps what was acked (a write in progress is finished, bounded), the rest is read again."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.checkpoint.close(), self.settings.shutdown_timeout)
+        return 1
 
     async def _shutdown(self, reader: asyncio.Task[None], building: _Building) -> int:
         """SIGTERM: stop reading, send what was read, wait (bounded) for acks, write the checkpoint."""

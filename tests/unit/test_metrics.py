@@ -75,6 +75,10 @@ COUNTERS = (
     "truncation_lost_bytes",
     "destination_changes",
     "rotations",
+    "lost_files",
+    "lost_bytes",
+    "checkpoint_misses",
+    "unreadable_files",
 )
 
 
@@ -118,6 +122,13 @@ def test_known_labels_start_at_zero_and_expiry_stays_unset(metrics: Metrics, ser
         assert values[("pyforward_parse_errors_total", (("kind", kind),))] == 0
     for result in ("ok", "error"):
         assert values[("pyforward_checkpoint_writes_total", (("result", result),))] == 0
+    # The loss counters and the restart counter of each restartable task: the monitoring's alerts use these names.
+    for name in ("lost_files", "lost_bytes", "checkpoint_misses", "unreadable_files"):
+        assert values[(f"pyforward_{name}_total", ())] == 0, name
+    for task in ("discovery", "metrics"):
+        assert values[("pyforward_task_restarts_total", (("task", task),))] == 0, task
+    for gauge in ("backlog_bytes", "backlog_files", "log_files"):
+        assert (f"pyforward_{gauge}", ()) in values, gauge
     # A certificate expiry of 0 would read as "expired": no sample until a certificate is loaded.
     assert not [key for key in values if key[0] == "pyforward_certificate_expiry_seconds"]
 
@@ -302,3 +313,34 @@ def test_parse_bind(bind: str, expected: tuple[str, int]) -> None:
 def test_parse_bind_rejects(bind: str) -> None:
     with pytest.raises(ValueError, match="PYFORWARD_METRICS_BIND"):
         parse_bind(bind)
+
+
+def test_the_server_thread_is_restarted_after_a_failure_and_counted(
+    metrics: Metrics, health: HealthState, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A daemon thread that dies is silent (issue 12): its serving loop failing is logged and restarted."""
+    import pyforward.metrics as module
+
+    real = module._ThreadingWSGIServer.handle_request
+    failures = [1]
+
+    def handle_request(self: module._ThreadingWSGIServer) -> None:
+        if failures:
+            failures.pop()
+            raise OSError("injected: accept failed")
+        real(self)
+
+    monkeypatch.setattr(module._ThreadingWSGIServer, "handle_request", handle_request)
+    monkeypatch.setattr(module, "RESTART_INITIAL", 0.01)
+    with caplog.at_level("ERROR", "pyforward.metrics"):
+        srv = start_server("127.0.0.1:0", metrics, health)
+        try:
+            # The first request makes the loop fail; it is still in the socket's backlog, served after the restart.
+            status, text, _ = get(f"{srv.url}/metrics")
+        finally:
+            srv.close()
+    assert status == 200
+    assert samples(text)[("pyforward_task_restarts_total", (("task", "metrics"),))] == 1
+    [record] = caplog.records
+    assert record.getMessage().startswith("task metrics failed: injected: accept failed; restarting it in")
+    assert record.exc_info is not None

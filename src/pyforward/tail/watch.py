@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyforward.tail.file import Source
-from pyforward.tail.scan import specs
+from pyforward.tail.scan import Sibling, specs
 
 try:  # Linux only (a dependency only there); elsewhere wait() polls
     import inotify_simple
@@ -26,10 +26,12 @@ try:  # Linux only (a dependency only there); elsewhere wait() polls
     _IGNORED = int(_F.IGNORED)
     _OVERFLOW = int(_F.Q_OVERFLOW)
     _RENAMED = int(_F.CREATE | _F.DELETE | _F.MOVED_FROM | _F.MOVED_TO)
+    _NAMES_MASK = _RENAMED  # DirectoryEvents: names only, no event per write
+    _APPEARED = int(_F.CREATE | _F.MOVED_TO)
 except ImportError:  # pragma: no cover
     _HAVE_INOTIFY = False
 
-__all__ = ["Watcher", "stat_key"]
+__all__ = ["DirectoryEvents", "Watcher", "stat_key"]
 
 log = logging.getLogger("pyforward.tailer")
 
@@ -245,3 +247,89 @@ class Watcher:
                 found = relevant(event) or found
             if found:
                 return
+
+
+class DirectoryEvents:
+    """Names appearing and disappearing in the log's directories, as they happen (issue 12: a backup that lumberjack
+    creates and deletes between two of the tailer's listings would be lost unseen).
+
+    A separate inotify instance with names only (create, rename, delete: no event per write), read by the event loop
+    as events come (`loop.add_reader`): no timer, no cost while nothing rotates. `on_change(appeared)` gets the
+    backup names that appeared (renamed to or created) since the last call; it is called for any change of a backup
+    name or of the live log's name, and on an inotify queue overflow (with what it could read).
+    """
+
+    def __init__(self, path: Path, on_change: Callable[[list[Sibling]], None]) -> None:
+        self._path = path
+        self._on_change = on_change
+        self._inotify: inotify_simple.INotify | None = None
+        self._dirs: dict[int, str] = {}  # watch descriptor -> directory
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.active = False  # watching now
+
+    def start(self) -> bool:
+        """Watch the directories (again, after one was replaced). False if inotify cannot be used here; call from
+        the event loop."""
+        if self.active:
+            return True
+        self.close()
+        if not _HAVE_INOTIFY:
+            return False
+        try:
+            inotify = inotify_simple.INotify()
+        except OSError:
+            return False
+        try:
+            self._dirs = {
+                inotify.add_watch(directory, _NAMES_MASK): str(directory) for directory, _ in specs(self._path)
+            }
+        except OSError:  # a directory is missing (not yet mounted): the tailer's listings still see everything
+            inotify.close()
+            return False
+        self._inotify = inotify
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(inotify.fileno(), self._readable)
+        self.active = True
+        return True
+
+    def close(self) -> None:
+        self.active = False
+        if self._inotify is not None:
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.remove_reader(self._inotify.fileno())
+            self._inotify.close()
+            self._inotify = None
+
+    def _readable(self) -> None:
+        inotify = self._inotify
+        if inotify is None:
+            return
+        patterns = [pattern for _, pattern in specs(self._path)]
+        live_names = {self._path.name, Path(os.path.realpath(self._path)).name}
+        appeared: list[Sibling] = []
+        changed = False
+        try:
+            for event in inotify.read(timeout=0):
+                if event.mask & (_IGNORED | _OVERFLOW) or not event.name:
+                    changed = True
+                    if event.mask & _IGNORED:
+                        self.active = False  # a watched directory is gone: start() again at the next advance
+                    continue
+                name = event.name
+                match = next((m for pattern in patterns if (m := pattern.fullmatch(name))), None)
+                if match is not None:
+                    changed = True
+                    directory = self._dirs.get(event.wd)
+                    if event.mask & _APPEARED and directory is not None:
+                        path = Path(directory, name)
+                        appeared.append(Sibling(path, match["ts"], match["gz"] is not None))
+                elif name in live_names:
+                    changed = True
+        except OSError as e:  # the fd is broken: fall back to the tailer's listings
+            log.warning("inotify on the log directory failed (%s): losses are found by listings only", e)
+            self.close()
+            changed = True
+        if not self.active:
+            self.close()
+        if changed:
+            self._on_change(appeared)
