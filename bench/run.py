@@ -16,6 +16,9 @@ latency     lines appended to an empty log at a steady rate (default 1,000/s, a 
             processes). The ack's way back to the shipper (loopback) is not included.
 backlog     a ~1 GB log (small: 48 MB) already there, a sink that acks every request 0.1 s late (and does not
             even gunzip): peak RSS (VmHWM) of the shipper until every event is acked.
+steady      a sidecar's everyday life (issue 11): events appended at 0, 100 and 1,000 events/s, one write(2)
+            per event paced by absolute deadlines, one `pyforward run` per rate; after a warm-up, over a
+            window: the shipper's CPU share of a core, its RSS (VmRSS, VmHWM) and append->ack p50/p99/max.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import contextlib
 import datetime as _dt
 import importlib.metadata
+import itertools
 import json
 import os
 import platform
@@ -57,10 +61,21 @@ TARGETS: dict[str, tuple[str, float]] = {
     "startup_s": ("max", 1.0),
     "latency_p99_ms": ("max", 50.0),
     "backlog_peak_rss_mb": ("max", 64.0),
+    # issue 11: a sidecar at everyday rates (steady scenario): CPU as a share of one core over the window
+    "steady_idle_cpu": ("max", 0.001),
+    "steady_100_cpu": ("max", 0.010),
+    "steady_1000_cpu": ("max", 0.04),
+    "steady_100_p99_ms": ("max", 100.0),
+    "steady_1000_p99_ms": ("max", 100.0),
+    "steady_peak_rss_mb": ("max", 52.0),
+    # issue 11 item 5: flat RSS over a soak (after its warm-up; meant for 10 minutes at 1,000 events/s)
+    "soak_growth_mb": ("max", 1.0),
 }
 
 #: Optional modules `pyforward run` must not import unless configured to use them.
 HEAVY_OPTIONAL = ("kubernetes_asyncio", "prometheus_client", "tqdm", "aiofiles", "uvloop")
+
+SCENARIOS = {"floor", "throughput", "latency", "backlog", "steady", "soak"}
 
 
 @dataclass(frozen=True)
@@ -69,10 +84,12 @@ class Mode:
     backlog_bytes: int
     latency_seconds: float
     runs: int
+    steady_warmup: float
+    steady_seconds: float
 
 
-FULL = Mode(events=200_000, backlog_bytes=1 << 30, latency_seconds=10.0, runs=3)
-SMALL = Mode(events=20_000, backlog_bytes=48 << 20, latency_seconds=3.0, runs=1)
+FULL = Mode(events=200_000, backlog_bytes=1 << 30, latency_seconds=10.0, runs=3, steady_warmup=5.0, steady_seconds=20.0)
+SMALL = Mode(events=20_000, backlog_bytes=48 << 20, latency_seconds=3.0, runs=1, steady_warmup=2.0, steady_seconds=3.0)
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -97,7 +114,17 @@ def proc_status(pid: int, key: str) -> int:
 class Sink:
     """bench/sink.py in its own process; its JSON event lines are read by a thread."""
 
-    def __init__(self, certs: Any, workdir: Path, *, expect: int, ack_delay: float = 0.0, ids: Path | None = None):
+    def __init__(
+        self,
+        certs: Any,
+        workdir: Path,
+        *,
+        expect: int,
+        ack_delay: float = 0.0,
+        ids: Path | None = None,
+        seen: Path | None = None,
+        port: int = 0,
+    ):
         argv = [
             sys.executable,
             str(SINK),
@@ -106,9 +133,12 @@ class Sink:
             "--key", str(certs.server_key),
             "--expect", str(expect),
             "--ack-delay", str(ack_delay),
+            "--port", str(port),
         ]  # fmt: skip
         if ids is not None:
             argv += ["--ids", str(ids)]
+        if seen is not None:
+            argv += ["--seen", str(seen)]
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, cwd=workdir)
         self.events: dict[str, dict[str, Any]] = {}
         self._cond = threading.Condition()
@@ -409,6 +439,382 @@ def backlog(ctx: Context, log_path: Path, events: int, size: int, delay: float) 
     }
 
 
+class Sampler:
+    """A thread sampling a process at absolute deadlines (start + k * step): time, CPU seconds, VmRSS, VmHWM.
+
+    Deadlines, not a sleep per sample, so that the samples do not drift and a window boundary is a sample."""
+
+    def __init__(self, pid: int, start: float, step: float, extra: tuple[str, ...] = ()) -> None:
+        self.pid = pid
+        self.start = start
+        self.step = step
+        self.extra = extra  # more /proc/PID/status fields (RssAnon, Threads, ...), raw numbers, into .extras
+        self.samples: list[tuple[float, float, float, float]] = []  # (t - start, cpu s, rss MB, hwm MB)
+        self.extras: list[list[int]] = []
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _take(self) -> None:
+        try:
+            cpu = proc_cpu(self.pid)
+            rss = proc_status(self.pid, "VmRSS") / 1024
+            hwm = proc_status(self.pid, "VmHWM") / 1024
+            extra = [proc_status(self.pid, key) for key in self.extra]
+        except (OSError, KeyError):
+            return  # the process is gone: the caller finds out from its exit code
+        with self._cond:
+            self.samples.append((time.monotonic() - self.start, cpu, rss, hwm))
+            self.extras.append(extra)
+            self._cond.notify_all()
+
+    def _run(self) -> None:
+        k = 0
+        while True:
+            if self._stop.wait(max(0.0, self.start + k * self.step - time.monotonic())):
+                return  # pacing the samples, not synchronisation
+            self._take()
+            k += 1
+
+    def stop(self) -> list[tuple[float, float, float, float]]:
+        self._stop.set()
+        self._thread.join()
+        return self.samples
+
+    def wait_for(self, t: float, alive: Callable[[], bool]) -> None:
+        """Until the sample due `t` seconds after the start has been taken (or the process has exited)."""
+        deadline = time.monotonic() + max(0.0, self.start + t - time.monotonic()) + self.step + 10.0
+        with self._cond:
+            while not (self.samples and self.samples[-1][0] >= t - self.step / 10):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"bench: no RSS/CPU sample at {t:.0f}s")
+                if not alive():
+                    raise RuntimeError("bench: pyforward run exited during the measurement")
+                self._cond.wait(min(left, 0.5))
+
+    def at(self, t: float) -> tuple[float, float, float, float]:
+        """The first sample taken at or after `t` seconds from the start (else the last one)."""
+        for sample in self.samples:
+            if sample[0] >= t - self.step / 10:
+                return sample
+        return self.samples[-1]
+
+
+def write_paced(
+    fd: int, lines: list[bytes], rate: float, start: float, key: Callable[[bytes], str]
+) -> list[tuple[str, float]]:
+    """Append `lines` one write(2) each (kube-apiserver's lumberjack writes one event per write), line i at
+    monotonic `start + i / rate`: absolute deadlines, so sleep overshoot does not accumulate into a lower rate
+    (a late writer catches up, still one line per write). Returns (key, time.time() after its write)."""
+    written: list[tuple[str, float]] = []
+    for index, line in enumerate(lines):
+        delay = start + index / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)  # pacing the writer, not synchronisation
+        os.write(fd, line)
+        written.append((key(line), time.time()))
+    return written
+
+
+#: Log-spaced latency histogram edges (ms), 10 per decade from 0.1 ms to 100 s: chart-friendly and small.
+HISTOGRAM_EDGES_MS = [round(10 ** (k / 10 - 1), 4) for k in range(61)]
+
+
+def histogram(values: list[float]) -> dict[str, list[float] | list[int]]:
+    import bisect
+
+    counts = [0] * (len(HISTOGRAM_EDGES_MS) + 1)  # [0] below the first edge, [-1] at or above the last
+    for value in values:
+        counts[bisect.bisect_right(HISTOGRAM_EDGES_MS, value)] += 1
+    return {"edges_ms": HISTOGRAM_EDGES_MS, "counts": counts}
+
+
+def rate_label(rate: float) -> str:
+    return "idle" if rate == 0 else f"{rate:g}"
+
+
+def steady_rate(ctx: Context, rate: float, warmup: float, window: float) -> tuple[dict[str, float], dict[str, Any]]:
+    """One `pyforward run` (default settings, mTLS + acks + gzip) and one rate: events appended one write
+    each for `warmup` + `window` seconds; CPU, RSS and append->ack latency over the window."""
+    from pyforward.auditgen import audit_id, generate_events
+
+    label = rate_label(rate)
+    directory = ctx.workdir / f"steady-{label}-{time.monotonic_ns()}"
+    directory.mkdir()
+    log_path = directory / "audit.log"
+    log_path.touch()
+    # A few events before the clock starts: the connection is up and the first chunk acked (as for a sidecar
+    # that has been running), so the warm-up is the rate's own, not the start-up's.
+    primer = [*generate_events(5, seed=SEED + 3, id_prefix="primer-")]
+    lines = [*generate_events(int(rate * (warmup + window)), seed=SEED + 4, id_prefix=f"steady-{label}-")]
+    ids_file = directory / "acked.txt"
+    sink = Sink(ctx.certs, ctx.workdir, expect=len(primer) + len(lines), ids=ids_file)
+    shipper = Shipper(ctx.certs, log_path, ctx.workdir, sink.port, ctx.extra_env)
+    sampler: Sampler | None = None
+    try:
+        fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+        try:
+            for line in primer:
+                os.write(fd, line)
+            sink.wait("first", 60, shipper.alive)
+            start = time.monotonic()
+            sampler = Sampler(shipper.proc.pid, start, 0.5 if window < 10 else 1.0)
+            with profiling(shipper.proc.pid, ctx.profile_to(f"steady-{label}")):
+                written = write_paced(fd, lines, rate, start, audit_id) if rate > 0 else []
+                sampler.wait_for(warmup + window, shipper.alive)
+        finally:
+            os.close(fd)
+        sink.wait("done", 30 + warmup + window, shipper.alive)
+    finally:
+        samples = sampler.stop() if sampler is not None else []
+        code = shipper.stop()
+        sink.stop()
+    if code != 0:
+        raise RuntimeError(f"bench: pyforward run exited {code}")
+    acked: dict[str, float] = {}
+    for row in ids_file.read_text().splitlines():
+        key, _, value = row.partition(" ")
+        acked[key] = float(value)
+    missing = sum(1 for k, _ in written if k not in acked)
+    if missing:
+        raise RuntimeError(f"bench: {missing} of {len(written)} steady events at {label}/s were never acked")
+    first_in_window = int(rate * warmup)
+    delays = sorted((acked[k] - t) * 1000 for k, t in written[first_in_window:])
+    t0, cpu0, _, _ = sampler.at(warmup) if sampler else (0.0, 0.0, 0.0, 0.0)
+    t1, cpu1, rss, hwm = sampler.at(warmup + window) if sampler else (1.0, 0.0, 0.0, 0.0)
+    figures = {
+        f"steady_{label}_cpu": (cpu1 - cpu0) / (t1 - t0),
+        f"steady_{label}_rss_mb": rss,
+        f"steady_{label}_hwm_mb": hwm,
+    }
+    if delays:
+        figures.update(
+            {
+                f"steady_{label}_p50_ms": quantile(delays, 0.50),
+                f"steady_{label}_p99_ms": quantile(delays, 0.99),
+                f"steady_{label}_max_ms": delays[-1],
+            }
+        )
+    detail: dict[str, Any] = {
+        "rate": rate,
+        "cpu_share": figures[f"steady_{label}_cpu"],
+        "rss_mb": rss,
+        "hwm_mb": hwm,
+        "p50_ms": figures.get(f"steady_{label}_p50_ms"),
+        "p99_ms": figures.get(f"steady_{label}_p99_ms"),
+        "max_ms": figures.get(f"steady_{label}_max_ms"),
+        "events_in_window": len(delays),
+        "events_written": len(written),
+        "latency_histogram": histogram(delays),
+        # (t s since the start of the warm-up, CPU share of a core since the previous sample, VmRSS MB)
+        "samples": [
+            [round(t, 3), round((c - pc) / (t - pt), 5) if t > pt else 0.0, round(r, 2)]
+            for (pt, pc, _, _), (t, c, r, _) in itertools.pairwise(samples)
+        ],
+    }
+    return figures, detail
+
+
+def steady(ctx: Context, rates: list[float], warmup: float, window: float) -> tuple[dict[str, float], dict[str, Any]]:
+    """steady_rate for each rate, one shipper process each (a clean RSS per rate); peak RSS across them."""
+    figures: dict[str, float] = {}
+    detail: dict[str, Any] = {"warmup_s": warmup, "window_s": window, "rates": {}}
+    for rate in rates:
+        one, about = steady_rate(ctx, rate, warmup, window)
+        figures.update(one)
+        detail["rates"][f"{rate:g}"] = about
+    figures["steady_peak_rss_mb"] = max(v for k, v in figures.items() if k.endswith("_hwm_mb"))
+    return figures, detail
+
+
+def slope_per_hour(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (t seconds, y) points, in y per hour."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    if var == 0:
+        return 0.0
+    return sum((t - mean_t) * (y - mean_y) for t, y in points) / var * 3600
+
+
+def prefill_backups(log_path: Path, count: int) -> None:
+    """`count` empty gzip backups named as lumberjack would, a millisecond apart in 2020 (older than anything the
+    soak rotates): a directory that has kept thousands of backups, without gigabytes to ship first (and the
+    shipper is given a checkpoint in the live file: it has shipped them already)."""
+    import gzip
+
+    empty = gzip.compress(b"", mtime=0)
+    base = _dt.datetime(2020, 1, 1)
+    for index in range(count):
+        stamp = (base + _dt.timedelta(milliseconds=index)).strftime("%Y-%m-%dT%H-%M-%S.%f")[:-3]
+        (log_path.parent / f"{log_path.stem}-{stamp}{log_path.suffix}.gz").write_bytes(empty)
+
+
+class Restarter:
+    """Restarts the sink every `every` seconds on the same port (SIGTERM, then a new process): a receiver that
+    goes away under load (a rollout, a crash), as in issue 11's soaks. The sinks share the --seen bitmap."""
+
+    def __init__(self, sink: Sink, make: Callable[[], Sink], start: float, every: float) -> None:
+        self.sink = sink
+        self.stats: list[dict[str, Any]] = []
+        self._make = make
+        self._start = start
+        self._every = every
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        if every > 0:
+            self._thread.start()
+
+    def _run(self) -> None:
+        k = 1
+        try:
+            while not self._stop.wait(max(0.0, self._start + k * self._every - time.monotonic())):
+                self.stats.append(self.sink.stop())
+                self.sink = self._make()
+                k += 1
+        except BaseException as e:  # reported by stop()
+            self._error = e
+
+    def halt(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def stop(self) -> Sink:
+        """No more restarts; the sink now running (raises what went wrong in the thread)."""
+        self.halt()
+        if self._error is not None:
+            raise RuntimeError(f"bench: restarting the sink failed: {self._error}") from self._error
+        return self.sink
+
+
+def soak(
+    ctx: Context,
+    *,
+    seconds: float,
+    rate: float,
+    restart_every: float,
+    backups: int,
+    prefill: int,
+    warmup: float,
+    step: float,
+) -> tuple[dict[str, float], dict[str, Any]]:
+    """`pyforward run` for `seconds` at `rate` events/s, the log written through RotatingAuditLog (1 MB files,
+    gzip, `backups` kept, as kube-apiserver's lumberjack), the receiver restarted every `restart_every` s; the
+    shipper's RSS sampled every `step` s; after `warmup`, its growth and least-squares slope. Every event must
+    be acked (distinct auditIDs at the sinks)."""
+    from pyforward.auditgen import RotatingAuditLog, generate_events
+
+    directory = ctx.workdir / f"soak-{time.monotonic_ns()}"
+    directory.mkdir()
+    log_path = directory / "audit.log"
+    prefill_backups(log_path, prefill)
+    total = int(rate * seconds)
+    seen = ctx.workdir / f"soak-seen-{time.monotonic_ns()}.bin"
+    first_sink = Sink(ctx.certs, ctx.workdir, expect=total, seen=seen)
+    port = first_sink.port
+
+    def make() -> Sink:
+        return Sink(ctx.certs, ctx.workdir, expect=total, seen=seen, port=port)
+
+    writer = RotatingAuditLog(log_path, max_bytes=1 << 20, max_backups=backups, compress=True)
+    env = dict(ctx.extra_env)
+    if prefill:
+        # A sidecar that has been running: its checkpoint names the live file, so that it starts there instead
+        # of reading the (empty) prefilled backups one by one while the writer runs ahead of it.
+        from pyforward.checkpoint import FileIdentity, Position, save_checkpoint
+
+        checkpoint = directory / "checkpoint.json"
+        st = log_path.stat()
+        save_checkpoint(checkpoint, Position(FileIdentity.of(st.st_dev, st.st_ino, b""), 0, str(log_path)))
+        env.setdefault("PYFORWARD_CHECKPOINT_PATH", str(checkpoint))
+    shipper = Shipper(ctx.certs, log_path, ctx.workdir, port, env)
+    start = time.monotonic()
+    sampler = Sampler(shipper.proc.pid, start, step, extra=("RssAnon", "RssFile", "Threads"))
+    restarter = Restarter(first_sink, make, start, restart_every)
+    late = 0.0
+    try:
+        print(
+            f"bench: soak {seconds:.0f}s at {rate:g} events/s, receiver restarts every {restart_every:g}s, "
+            f"{backups} backups kept ({prefill} there before), shipper pid {shipper.proc.pid}",
+            flush=True,
+        )
+        with profiling(shipper.proc.pid, ctx.profile_to("soak")):
+            for index, line in enumerate(generate_events(total, seed=SEED + 5, id_prefix="soak-")):
+                delay = start + index / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)  # pacing the writer (absolute deadlines), not synchronisation
+                else:
+                    late = max(late, -delay)
+                writer.write(line)  # one write(2) per event, rotation and gzip inline, as lumberjack
+                if not index % 4096 and not shipper.alive():
+                    raise RuntimeError("bench: pyforward run exited during the soak")
+            writer.close()
+            restarter.stop().wait("done", 120, shipper.alive)
+            sampler.wait_for(seconds, shipper.alive)
+    finally:
+        writer.close()
+        restarter.halt()
+        samples = sampler.stop()
+        code = shipper.stop()
+        last = restarter.sink.stop()
+    if code != 0:
+        raise RuntimeError(f"bench: pyforward run exited {code}")
+    every = [*restarter.stats, last]
+    acked = int.from_bytes(seen.read_bytes(), "little").bit_count()
+    if acked != total:
+        raise RuntimeError(f"bench: soak: {total - acked} of {total} events were never acked")
+    after = [(t, rss) for t, _, rss, _ in samples if t >= warmup]
+    if len(after) < 2:
+        raise RuntimeError(f"bench: soak: {seconds:.0f}s is too short for a {warmup:.0f}s warm-up")
+    t_end, cpu_end, _, hwm = samples[-1]
+    warm = next(i for i, sample in enumerate(samples) if sample[0] >= warmup)
+    t_warm, cpu_warm, _, _ = samples[warm]
+    anon = [(t, extra[0] / 1024) for (t, *_), extra in zip(samples, sampler.extras, strict=True)][warm:]
+    figures = {
+        "soak_rss_start_mb": after[0][1],
+        "soak_rss_end_mb": after[-1][1],
+        "soak_growth_mb": after[-1][1] - after[0][1],
+        "soak_slope_mb_per_hour": slope_per_hour(after),
+        "soak_anon_growth_mb": anon[-1][1] - anon[0][1],
+        "soak_anon_slope_mb_per_hour": slope_per_hour(anon),
+        "soak_peak_rss_mb": hwm,
+        "soak_cpu": (cpu_end - cpu_warm) / (t_end - t_warm),
+        "soak_events": total,
+        "soak_duplicates": sum(s.get("duplicates", 0) for s in every),
+        "soak_restarts": len(restarter.stats),
+        "soak_writer_late_max_s": late,
+    }
+    detail: dict[str, Any] = {
+        "seconds": seconds,
+        "rate": rate,
+        "restart_every_s": restart_every,
+        "backups": backups,
+        "prefilled_backups": prefill,
+        "warmup_s": warmup,
+        "step_s": step,
+        "rotations": writer.rotations,
+        "samples": [[round(t, 2), round(rss, 3)] for t, _, rss, _ in samples],
+        # (t, CPU seconds, VmRSS MB, VmHWM MB, RssAnon kB, RssFile kB, threads): for the investigation
+        "samples_full": [
+            [round(t, 2), round(cpu, 2), round(rss, 3), round(h, 3), *extra]
+            for (t, cpu, rss, h), extra in zip(samples, sampler.extras, strict=True)
+        ],
+        "slope_mb_per_hour": figures["soak_slope_mb_per_hour"],
+        "growth_mb": figures["soak_growth_mb"],
+        "rss_start_mb": figures["soak_rss_start_mb"],
+        "rss_end_mb": figures["soak_rss_end_mb"],
+        "sinks": every,
+    }
+    return figures, detail
+
+
 def quantile(ordered: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
@@ -482,11 +888,50 @@ ROWS: list[tuple[str, str, str]] = [
 ]
 
 
-def target_text(key: str) -> str:
+def steady_rows(label: str) -> list[tuple[str, str, str]]:
+    what = "idle" if label == "idle" else f"{label} events/s"
+    return [
+        (f"steady_{label}_cpu", f"steady {what}: CPU (share of a core)", "{:.2%}"),
+        (f"steady_{label}_rss_mb", "  RSS at the end of the window (MB)", "{:.1f}"),
+        (f"steady_{label}_hwm_mb", "  peak RSS, VmHWM (MB)", "{:.1f}"),
+        (f"steady_{label}_p50_ms", "  append->ack p50 (ms)", "{:.1f}"),
+        (f"steady_{label}_p99_ms", "  append->ack p99 (ms)", "{:.1f}"),
+        (f"steady_{label}_max_ms", "  append->ack max (ms)", "{:.1f}"),
+    ]
+
+
+def all_rows(keys: set[str]) -> list[tuple[str, str, str]]:
+    """ROWS, then the steady scenario's rows for every rate measured (in the order of their rates)."""
+    labels = {k.split("_")[1] for k in keys if k.startswith("steady_") and k.endswith("_cpu")}
+    ordered = sorted(labels, key=lambda label: -1.0 if label == "idle" else float(label))
+    rows = [*ROWS]
+    for label in ordered:
+        rows += steady_rows(label)
+    rows.append(("steady_peak_rss_mb", "steady: peak RSS over the rates (MB)", "{:.1f}"))
+    return rows + SOAK_ROWS
+
+
+SOAK_ROWS: list[tuple[str, str, str]] = [
+    ("soak_rss_start_mb", "soak: RSS after the warm-up (MB)", "{:.2f}"),
+    ("soak_rss_end_mb", "  RSS at the end (MB)", "{:.2f}"),
+    ("soak_growth_mb", "  growth after the warm-up (MB)", "{:+.2f}"),
+    ("soak_slope_mb_per_hour", "  slope, least squares (MB/hour)", "{:+.2f}"),
+    ("soak_anon_growth_mb", "  of which anonymous memory (RssAnon, MB)", "{:+.2f}"),
+    ("soak_anon_slope_mb_per_hour", "  RssAnon slope (MB/hour)", "{:+.2f}"),
+    ("soak_peak_rss_mb", "  peak RSS, VmHWM (MB)", "{:.1f}"),
+    ("soak_cpu", "  CPU after the warm-up (share of a core)", "{:.1%}"),
+    ("soak_events", "  events, all acked", "{:,.0f}"),
+    ("soak_duplicates", "  duplicates (at-least-once)", "{:,.0f}"),
+    ("soak_restarts", "  receiver restarts", "{:.0f}"),
+    ("soak_writer_late_max_s", "  writer's worst lateness (s)", "{:.2f}"),
+]
+
+
+def target_text(key: str, fmt: str = "") -> str:
     if key not in TARGETS:
         return ""
     how, value = TARGETS[key]
-    shown = f"{value:.0%}" if key == "of_floor" else f"{value:,g}"
+    shown = (fmt.replace(".2%", ".1%") if "%" in fmt else "{:,g}").format(value)
     return (">= " if how == "min" else "<= ") + shown
 
 
@@ -503,13 +948,13 @@ def table(medians: dict[str, float], header: str, compare: dict[str, float] | No
         columns.append("compared".rjust(12))
     columns += ["target".rjust(12), "  met"]
     lines.append("".join(columns))
-    for key, label, fmt in ROWS:
+    for key, label, fmt in all_rows(set(medians)):
         if key not in medians:
             continue
         row = [label.ljust(44), fmt.format(medians[key]).rjust(12)]
         if compare is not None:
             row.append((fmt.format(compare[key]) if key in compare else "-").rjust(12))
-        row.append(target_text(key).rjust(12))
+        row.append(target_text(key, fmt).rjust(12))
         if key in TARGETS:
             row.append("  yes" if meets(key, medians[key]) else "  NO")
         lines.append("".join(row).rstrip())
@@ -522,16 +967,38 @@ def table(medians: dict[str, float], header: str, compare: dict[str, float] | No
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description="pyforward benchmark (bench/README.md)")
     parser.add_argument("--small", action="store_true", help="quick mode (CI smoke test)")
-    parser.add_argument("--runs", type=int, default=None, help="runs; the table shows medians (default 3, small 1)")
+    parser.add_argument(
+        "--runs", type=int, default=None, help="runs; the table shows medians (default 3, small 1; 1 with soak)"
+    )
     parser.add_argument("--events", type=int, default=None, help="corpus size (default 200,000; small 20,000)")
     parser.add_argument("--backlog-mb", type=int, default=None, help="backlog size (default 1024; small 48)")
     parser.add_argument("--latency-seconds", type=float, default=None, help="steady-rate phase (default 10; small 3)")
     parser.add_argument("--rate", type=float, default=1000.0, help="events/s of the latency phase (default 1000)")
     parser.add_argument("--ack-delay", type=float, default=0.1, help="slow sink's delay per ack (default 0.1 s)")
     parser.add_argument(
+        "--steady-rates", default="0,100,1000", help="events/s of the steady scenario (default 0,100,1000)"
+    )
+    parser.add_argument(
+        "--steady-seconds", type=float, default=None, help="steady: measurement window per rate (default 20; small 3)"
+    )
+    parser.add_argument(
+        "--steady-warmup", type=float, default=None, help="steady: warm-up before each window (default 5; small 2)"
+    )
+    parser.add_argument("--soak-seconds", type=float, default=600.0, help="soak: duration (default 600)")
+    parser.add_argument("--soak-rate", type=float, default=1000.0, help="soak: events/s (default 1000)")
+    parser.add_argument(
+        "--soak-restart-every", type=float, default=30.0, help="soak: seconds between receiver restarts (0: none)"
+    )
+    parser.add_argument("--soak-backups", type=int, default=5, help="soak: rotated files kept (default 5)")
+    parser.add_argument(
+        "--soak-prefill", type=int, default=0, help="soak: empty gzip backups already there (e.g. 2000)"
+    )
+    parser.add_argument("--soak-warmup", type=float, default=60.0, help="soak: warm-up before growth (default 60)")
+    parser.add_argument("--soak-step", type=float, default=None, help="soak: seconds between RSS samples (5; 1 <2min)")
+    parser.add_argument(
         "--only",
-        default="floor,throughput,latency,backlog",
-        help="comma-separated scenarios to run (floor, throughput, latency, backlog)",
+        default="floor,throughput,latency,backlog,steady",
+        help="comma-separated scenarios to run (floor, throughput, latency, backlog, steady; soak: only if named)",
     )
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra env for pyforward run")
     parser.add_argument(
@@ -556,11 +1023,20 @@ def main(argv: list[str] | None = None) -> int:
     if Path(pyforward.__file__).resolve().parent.parent != SRC:
         raise SystemExit(f"bench: pyforward was imported from {pyforward.__file__} before --src could apply")
     mode = SMALL if args.small else FULL
-    runs = args.runs or mode.runs
+    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    runs = args.runs or (1 if "soak" in only else mode.runs)  # a soak is long: once, unless --runs says
     events = args.events or mode.events
     backlog_bytes = (args.backlog_mb << 20) if args.backlog_mb else mode.backlog_bytes
     seconds = args.latency_seconds or mode.latency_seconds
-    only = {s.strip() for s in args.only.split(",") if s.strip()}
+    unknown = only - SCENARIOS
+    if unknown:
+        known = ", ".join(sorted(SCENARIOS))
+        raise SystemExit(f"bench: unknown scenario(s) {', '.join(sorted(unknown))}; known: {known}")
+    steady_rates = [float(r) for r in args.steady_rates.split(",") if r.strip()]
+    steady_warmup = mode.steady_warmup if args.steady_warmup is None else args.steady_warmup
+    steady_seconds = args.steady_seconds or mode.steady_seconds
+    steady_detail: list[dict[str, Any]] = []
+    soak_detail: list[dict[str, Any]] = []
     extra_env = dict(item.split("=", 1) for item in args.env)
     compare = json.loads(args.compare.read_text())["medians"] if args.compare else None
 
@@ -593,6 +1069,23 @@ def main(argv: list[str] | None = None) -> int:
                 figures.update(latency(ctx, args.rate, seconds))
             if backlog_path is not None:
                 figures.update(backlog(ctx, backlog_path, backlog_events, backlog_path.stat().st_size, args.ack_delay))
+            if "steady" in only:
+                steady_figures, detail = steady(ctx, steady_rates, steady_warmup, steady_seconds)
+                figures.update(steady_figures)
+                steady_detail.append(detail)
+            if "soak" in only:
+                soak_figures, detail = soak(
+                    ctx,
+                    seconds=args.soak_seconds,
+                    rate=args.soak_rate,
+                    restart_every=args.soak_restart_every,
+                    backups=args.soak_backups,
+                    prefill=args.soak_prefill,
+                    warmup=args.soak_warmup,
+                    step=args.soak_step or (5.0 if args.soak_seconds >= 120 else 1.0),
+                )
+                figures.update(soak_figures)
+                soak_detail.append(detail)
             per_run.append(figures)
             shown = ", ".join(f"{k}={v:,.4g}" for k, v in figures.items())
             print(f"bench: run {run + 1}/{runs}: {shown}", flush=True)
@@ -624,8 +1117,24 @@ def main(argv: list[str] | None = None) -> int:
         "env": extra_env,
         "heavy_imports": heavy,
     }
+    if steady_detail:
+        # Chart-friendly: per rate, the medians of the runs' figures, and the first run's samples and histogram.
+        steady_result = steady_detail[0]
+        for rate in steady_rates:
+            label, key = rate_label(rate), f"{rate:g}"
+            for name, figure in (("cpu_share", "cpu"), ("rss_mb", "rss_mb"), ("hwm_mb", "hwm_mb"), ("p50_ms", "p50_ms"),
+                                 ("p99_ms", "p99_ms"), ("max_ms", "max_ms")):  # fmt: skip
+                if f"steady_{label}_{figure}" in medians:
+                    steady_result["rates"][key][name] = medians[f"steady_{label}_{figure}"]
+        steady_result["runs"] = [{k: {n: v for n, v in d.items() if n not in ("samples", "latency_histogram")}
+                                  for k, d in run["rates"].items()} for run in steady_detail]  # fmt: skip
+        result["steady"] = steady_result
+    if soak_detail:
+        result["soak"] = soak_detail[0] if len(soak_detail) == 1 else {**soak_detail[0], "runs": soak_detail}
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out / f"{stamp}-{result['mode']}.json"
+    if out.exists():  # two benches that ended in the same second (a soak beside another one)
+        out = out.with_name(f"{stamp}-{result['mode']}-{os.getpid()}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"bench: results in {out}")
     return 0

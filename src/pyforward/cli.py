@@ -143,6 +143,9 @@ def cmd_run(ns: argparse.Namespace) -> int:
     settings = _load(ns)
     _setup_logging(settings)
     _report_legacy()
+    from pyforward.memory import pin_mmap_threshold
+
+    pin_mmap_threshold()  # a sidecar runs for weeks: freed buffers go back to the kernel (pyforward/memory.py)
     return _run_async(_run(settings))
 
 

@@ -657,10 +657,15 @@ class _Stream:
             raise ValueError(f"{what} limit must be positive")
         self._limit = limit
         self._what = what
-        # The slack of one slice keeps BufferFull for values genuinely over the limit.
+        # The slack of one slice keeps BufferFull for values genuinely over the limit. read_size: the buffer
+        # starts at one slice and grows (doubling) only for a bigger value. msgpack's default starts it at
+        # min(max_buffer_size, 1 MiB): 1 MiB per connection for the client's acks of a few dozen bytes, and that
+        # buffer, once freed, raised glibc's dynamic mmap threshold so that later 1 MiB buffers were carved
+        # from the heap instead: RSS that grew with every reconnect (issue 11 item 5, bench/README.md "soak").
         self._unpacker = msgpack.Unpacker(
             None,
             max_buffer_size=limit + _FEED_SLICE,
+            read_size=_FEED_SLICE,
             raw=False,
             unicode_errors="surrogateescape",
             **unpacker_kwargs,

@@ -146,6 +146,9 @@ def read_plain(fd: int, offset: int, n: int, head: bytes | None, size: int | Non
             return ReadResult(b"", truncated=True, size=size)
         data = b""
     else:
+        # At most what the file holds: os.pread allocates all `n` bytes before it shrinks the result to what was
+        # read, and a caught-up tailer reads a few KiB at a time. A 1 MiB allocation shrunk in place left a hole in
+        # glibc's heap at every read, and RSS grew over hours (issue 11 item 5, bench/README.md "soak").
         data = os.pread(fd, min(n, size - offset), offset) if size > offset else b""
     if head and data and os.pread(fd, len(head), 0) != head:
         return ReadResult(b"", truncated=True, size=size)
