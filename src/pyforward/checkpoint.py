@@ -13,6 +13,8 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ __all__ = [
     "Position",
     "fingerprint",
     "load_checkpoint",
+    "not_writable",
     "save_checkpoint",
 ]
 
@@ -164,6 +167,21 @@ def load_checkpoint(path: Path) -> Position | None:
         return _position_from_json(doc)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {path} is invalid ({e}): {_RESTART_HINT}") from e
+
+
+def not_writable(path: Path) -> str | None:
+    """Why a checkpoint could not be written at ``path`` now (e.g. ``Permission denied``), or None if it can.
+
+    Found the way :func:`save_checkpoint` writes: a temp file is created in the same directory and removed at
+    once. Asking ``os.access`` instead would miss read-only mounts under some runtimes, ACLs and LSMs.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    os.unlink(tmp)
+    return None
 
 
 def save_checkpoint(path: Path, position: Position) -> None:
