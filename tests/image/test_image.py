@@ -236,11 +236,14 @@ def start_konnectivity(containers: Containers, images: Images, volumes: Volumes,
         ],
         volumes={uds: "/konnectivity"},
     )
-    path = uds / "konnectivity-server.sock"
-
     def up() -> bool:
         socat.check_running()
-        return path.exists() and connectable(socket.AF_UNIX, str(path))
+        # Through the directory's fd: the tmp_path (under xdist) is longer than a socket address may be (108).
+        fd = os.open(uds, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            return connectable(socket.AF_UNIX, f"/proc/self/fd/{fd}/konnectivity-server.sock")
+        finally:
+            os.close(fd)
 
     wait_for(up, START_TIMEOUT, what="the konnectivity socket", interval=0.1)
     return uds
