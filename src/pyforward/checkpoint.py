@@ -52,6 +52,21 @@ def fingerprint(head: bytes) -> str:
     return hashlib.sha256(head).hexdigest()
 
 
+def not_writable(path: Path) -> str | None:
+    """Why a checkpoint could not be written at ``path`` now (e.g. ``Permission denied``), or None if it can.
+
+    Found the way :func:`save_checkpoint` writes: a temp file is created in the same directory and removed at
+    once. Asking ``os.access`` instead would miss read-only mounts under some runtimes, ACLs and LSMs.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    os.unlink(tmp)
+    return None
+
+
 @dataclass(frozen=True)
 class FileIdentity:
     """A file, recognisable again after renames, restarts and inode reuse.
@@ -167,21 +182,6 @@ def load_checkpoint(path: Path) -> Position | None:
         return _position_from_json(doc)
     except ValueError as e:
         raise CheckpointError(f"checkpoint {path} is invalid ({e}): {_RESTART_HINT}") from e
-
-
-def not_writable(path: Path) -> str | None:
-    """Why a checkpoint could not be written at ``path`` now (e.g. ``Permission denied``), or None if it can.
-
-    Found the way :func:`save_checkpoint` writes: a temp file is created in the same directory and removed at
-    once. Asking ``os.access`` instead would miss read-only mounts under some runtimes, ACLs and LSMs.
-    """
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
-    except OSError as e:
-        return e.strerror or str(e)
-    os.close(fd)
-    os.unlink(tmp)
-    return None
 
 
 def save_checkpoint(path: Path, position: Position) -> None:
