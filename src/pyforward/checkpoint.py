@@ -14,6 +14,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ __all__ = [
     "Position",
     "fingerprint",
     "load_checkpoint",
+    "not_writable",
     "save_checkpoint",
 ]
 
@@ -48,6 +51,21 @@ _RESTART_HINT = "delete it to start per PYFORWARD_START_AT (head|tail), or resto
 def fingerprint(head: bytes) -> str:
     """Hex digest of `head` (the caller passes exactly the bytes to fingerprint)."""
     return hashlib.sha256(head).hexdigest()
+
+
+def not_writable(path: Path) -> str | None:
+    """Why a checkpoint could not be written at ``path`` now (e.g. ``Permission denied``), or None if it can.
+
+    Found the way :func:`save_checkpoint` writes: a temp file is created in the same directory and removed at
+    once. Asking ``os.access`` instead would miss read-only mounts under some runtimes, ACLs and LSMs.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    os.unlink(tmp)
+    return None
 
 
 @dataclass(frozen=True)

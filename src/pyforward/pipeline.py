@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from pyforward.certs import CertError, TLSFiles, TLSMaterial
-from pyforward.checkpoint import AckTracker, CheckpointError, CheckpointWriter, Position, load_checkpoint
+from pyforward.checkpoint import AckTracker, CheckpointError, CheckpointWriter, Position, load_checkpoint, not_writable
 from pyforward.client import ClientConfig, ForwardClient, NoDestination, Stream
 from pyforward.protocol import Chunk, EntryPacker, EventTime, build_chunk
 from pyforward.records import EntryEncoder, RecordParser, RecordStats
@@ -255,9 +255,26 @@ class Pipeline:
         else:
             _require_discovery_package(self.settings)
         try:
-            return load_checkpoint(self.settings.effective_checkpoint_path)
+            start = load_checkpoint(self.settings.effective_checkpoint_path)
         except CheckpointError as exc:
             raise StartupError(str(exc)) from None
+        self._check_checkpoint_writable()
+        return start
+
+    def _check_checkpoint_writable(self) -> None:
+        """One clear line at start-up when the checkpoint cannot be written (issue 13: the volume is not writable
+        by the image's uid 65532). Not fatal: shipping without a checkpoint still delivers every event; only a
+        restart cannot resume where it stopped. The checkpoint writer keeps reporting each failed write."""
+        path = self.settings.effective_checkpoint_path
+        problem = not_writable(path)
+        if problem is not None:
+            uid = os.getuid()
+            log.error(
+                "cannot write the checkpoint %s: its directory is not writable by uid %d gid %d (%s); shipping goes "
+                "on, but a restart will not resume where it stopped. Fix: make the volume writable by uid %d "
+                "(Kubernetes: securityContext.fsGroup), or set %s to a writable volume",
+                path, uid, os.getgid(), problem, uid, env_name("checkpoint_path"),
+            )
 
     # --- the connection ------------------------------------------------------------------------------------
     async def _connect(self) -> Stream:
