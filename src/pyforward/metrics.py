@@ -28,6 +28,8 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 from pyforward import __version__
 
@@ -55,6 +57,11 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        # The process's own CPU and memory (process_cpu_seconds_total, process_resident_memory_bytes, open fds) and
+        # python_info, read from /proc at each scrape: the dashboard's CPU and RSS panels (docs/monitoring/) use them,
+        # and this registry is not prometheus_client's global one, which has them by default.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             # prometheus_client appends _total to the sample name (pyforward_<name>_total).
