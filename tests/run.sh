@@ -16,7 +16,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 echo "tests/run.sh: installing pyforward with its test extras"
-python3 -m pip install -q --disable-pip-version-check -e ".[test,fast]" 2>&1 | grep -v -E "^(WARNING: Running pip as|WARNING: Location)" || true
+python3 -m pip install -q --disable-pip-version-check -e ".[test,fast,bench]" 2>&1 | grep -v -E "^(WARNING: Running pip as|WARNING: Location)" || true
 
 if [ -f tests/interop/node/package.json ] && [ ! -d tests/interop/node/node_modules ]; then
   echo "tests/run.sh: installing node packages for interop tests"
