@@ -1010,6 +1010,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "pyforward-bench-cache")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON results")
     parser.add_argument("--compare", type=Path, default=None, help="a results JSON to show side by side")
+    parser.add_argument("--charts", type=Path, default=None, metavar="DIR", help="the PNG charts here too")
     return parser.parse_args(argv)
 
 
@@ -1137,6 +1138,10 @@ def main(argv: list[str] | None = None) -> int:
         out = out.with_name(f"{stamp}-{result['mode']}-{os.getpid()}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"bench: results in {out}")
+    sys.path.append(str(ROOT))  # for `python bench/run.py` as well
+    from bench.charts import after_run
+
+    after_run(result, out.with_suffix(""), args.charts)  # PNGs beside the JSON, in a directory of its name
     return 0
 
 

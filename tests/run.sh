@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine with only Python: installs what the tests need that is missing
 # (Debian: socat, tinyproxy, prometheus; npm: @fluent-org/logger for interop; Python: the package with its test
-# and monitoring extras), then runs ruff, mypy --strict and pytest. Usage: bash tests/run.sh [pytest args...]
+# monitoring and bench extras), then runs ruff, mypy --strict and pytest. Usage: bash tests/run.sh [pytest args...]
 # The container tests (tests/image, marker "image") install docker.io and debootstrap and start dockerd themselves
 # when run as root (else they skip, saying why); deselect them with: bash tests/run.sh -m "not image"
 set -euo pipefail
@@ -37,7 +37,7 @@ if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2
 fi
 
 echo "tests/run.sh: installing pyforward with its test extras"
-python3 -m pip install -q --disable-pip-version-check -e ".[test,fast,monitoring]" 2>&1 | grep -v -E "^(WARNING: Running pip as|WARNING: Location)" || true
+python3 -m pip install -q --disable-pip-version-check -e ".[test,fast,monitoring,bench]" 2>&1 | grep -v -E "^(WARNING: Running pip as|WARNING: Location)" || true
 
 if [ -f tests/interop/node/package.json ] && [ ! -d tests/interop/node/node_modules ]; then
   echo "tests/run.sh: installing node packages for interop tests"
