@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine with only Python: installs what the tests need that is missing
-# (Debian: socat, tinyproxy, prometheus; npm: @fluent-org/logger for interop; Python: the package with its test
+# (Debian: socat, tinyproxy, prometheus; npm: @fluent-org/logger for interop; Python: the package with its test,
 # monitoring and bench extras), then runs ruff, mypy --strict and pytest. Usage: bash tests/run.sh [pytest args...]
 # The container tests (tests/image, marker "image") install docker.io and debootstrap and start dockerd themselves
 # when run as root (else they skip, saying why); deselect them with: bash tests/run.sh -m "not image"
