@@ -8,18 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Harness, harness_at
 from tests.monitoring.prom import PrometheusProcess
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    """Real `pyforward receive` / `pyforward run` processes under tmp_path, all stopped in teardown."""
-    with harness_at(tmp_path) as h:
-        try:
-            yield h
-        finally:
-            print(h.describe())  # captured: shown for a failing test only
 
 
 @pytest.fixture
