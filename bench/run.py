@@ -59,7 +59,9 @@ TARGETS: dict[str, tuple[str, float]] = {
     "cpu_us_per_event": ("max", 39.0),
     "peak_rss_mb": ("max", 64.0),
     "startup_s": ("max", 1.0),
-    "latency_p99_ms": ("max", 50.0),
+    # Issue 11: p99 <= 100 ms at steady rates (a latency budget of 75 ms buys ~15x less CPU than the 5 ms flush that
+    # gave ~10 ms; fluent-bit: ~1 s). It was 50 ms before.
+    "latency_p99_ms": ("max", 100.0),
     "backlog_peak_rss_mb": ("max", 64.0),
     # issue 11: a sidecar at everyday rates (steady scenario): CPU as a share of one core over the window
     "steady_idle_cpu": ("max", 0.001),
