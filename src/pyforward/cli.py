@@ -150,7 +150,8 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 
 async def _run(settings: Settings) -> int:
-    from pyforward.pipeline import Pipeline, StartupError
+    from pyforward.connection import StartupError
+    from pyforward.pipeline import Pipeline
 
     metrics = health = server = None
     if settings.metrics_bind:
