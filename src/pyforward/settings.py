@@ -95,8 +95,8 @@ class Settings(BaseSettings):
         1.0,
         ge=0,
         description="Seconds between two checkpoint writes at most (each is two fsyncs); sooner when the in-flight "
-        "budget runs short or a chunk's worth of acked lines is unsaved, and always on shutdown. A crash re-sends at most "
-        "max_inflight_bytes either way.",
+        "budget runs short or a chunk's worth of acked lines is unsaved, and always on shutdown. A crash re-sends "
+        "at most max_inflight_bytes either way.",
         json_schema_extra=_group("input"),
     )
     start_at: Literal["head", "tail"] = Field(
