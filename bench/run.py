@@ -59,7 +59,9 @@ TARGETS: dict[str, tuple[str, float]] = {
     "cpu_us_per_event": ("max", 39.0),
     "peak_rss_mb": ("max", 64.0),
     "startup_s": ("max", 1.0),
-    "latency_p99_ms": ("max", 50.0),
+    # Issue 11: p99 <= 100 ms at steady rates (a latency budget of 75 ms buys ~15x less CPU than the 5 ms flush that
+    # gave ~10 ms; fluent-bit: ~1 s). It was 50 ms before.
+    "latency_p99_ms": ("max", 100.0),
     "backlog_peak_rss_mb": ("max", 64.0),
     # issue 11: a sidecar at everyday rates (steady scenario): CPU as a share of one core over the window
     "steady_idle_cpu": ("max", 0.001),
@@ -1010,6 +1012,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "pyforward-bench-cache")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON results")
     parser.add_argument("--compare", type=Path, default=None, help="a results JSON to show side by side")
+    parser.add_argument("--charts", type=Path, default=None, metavar="DIR", help="the PNG charts here too")
     return parser.parse_args(argv)
 
 
@@ -1137,6 +1140,10 @@ def main(argv: list[str] | None = None) -> int:
         out = out.with_name(f"{stamp}-{result['mode']}-{os.getpid()}.json")
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"bench: results in {out}")
+    sys.path.append(str(ROOT))  # for `python bench/run.py` as well
+    from bench.charts import after_run
+
+    after_run(result, out.with_suffix(""), args.charts)  # PNGs beside the JSON, in a directory of its name
     return 0
 
 

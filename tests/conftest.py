@@ -1,13 +1,18 @@
-"""Shared fixtures: real certificates (trustme), free ports, temporary dirs."""
+"""Shared fixtures: real certificates (trustme), free ports, temporary dirs, the process harness."""
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import trustme
+
+if TYPE_CHECKING:
+    from tests.harness import Harness
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -74,3 +79,15 @@ def certs(tmp_path: Path) -> CertFiles:
 @pytest.fixture
 def port() -> int:
     return free_port()
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[Harness]:
+    """Real `pyforward receive` / `pyforward run` processes under tmp_path, all stopped in teardown."""
+    from tests.harness import harness_at  # (tests/harness.py imports this module)
+
+    with harness_at(tmp_path) as h:
+        try:
+            yield h
+        finally:
+            print(h.describe())  # captured: pytest shows it for a failing test only

@@ -251,9 +251,11 @@ class AuditWriter:
         compress: bool = False,
         max_backups: int | None = None,
         prefix: str = "e",
+        mill: bool = False,
     ) -> None:
         self.path = path
-        self.log = RotatingAuditLog(path, max_bytes=max_bytes, compress=compress, max_backups=max_backups)
+        # mill=True: retention and gzip asynchronously, as lumberjack does (RotatingAuditLog).
+        self.log = RotatingAuditLog(path, max_bytes=max_bytes, compress=compress, max_backups=max_backups, mill=mill)
         self.prefix = prefix
         self.lines: list[bytes] = []  # in write order, with their newline
         self.ids: list[str] = []

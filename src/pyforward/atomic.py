@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+__all__ = ["fsync_directory", "replace_file", "replace_file_async"]
+
 
 def replace_file(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` atomically: a crash leaves the old file or the new one, never a mix.
@@ -36,3 +38,32 @@ def fsync_directory(directory: Path) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+async def replace_file_async(path: Path, data: bytes) -> None:
+    """:func:`replace_file` then :func:`fsync_directory`, from the event loop: every blocking step (create, write,
+    fsync, rename, directory fsync) runs in aiofiles' worker threads, so a slow disk never stalls the loop.
+
+    The Secret's files (when the Secret changes) are written this way; aiofiles is imported on the first write, not at
+    start-up. (The checkpoint is not: one thread round trip for its whole save is cheaper, see checkpoint.py.)
+    """
+    import aiofiles.os
+    import aiofiles.tempfile
+
+    out = await aiofiles.tempfile.NamedTemporaryFile(  # mkstemp underneath: mode 0600, O_EXCL
+        "wb", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False
+    )
+    tmp = str(out.name)
+    try:
+        try:
+            await out.write(data)
+            await out.flush()
+            await aiofiles.os.wrap(os.fsync)(out.fileno())
+        finally:
+            await out.close()
+        await aiofiles.os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)  # one unlink of a file we just made: not worth a thread, and it must run even if cancelled
+        raise
+    await aiofiles.os.wrap(fsync_directory)(path.parent)

@@ -18,7 +18,7 @@ from typing import TextIO
 
 from pyforward.certs import TLSMaterial
 from pyforward.client import ClientConfig
-from pyforward.pipeline import StartupError, client_config, connection_material
+from pyforward.connection import StartupError, client_config, connection_material
 from pyforward.protocol import (
     Ack,
     ClientDecoder,

@@ -10,12 +10,15 @@ the container's root fs; both are what this module exists to avoid.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,7 @@ __all__ = [
     "Position",
     "fingerprint",
     "load_checkpoint",
+    "not_writable",
     "save_checkpoint",
 ]
 
@@ -47,6 +51,21 @@ _RESTART_HINT = "delete it to start per PYFORWARD_START_AT (head|tail), or resto
 def fingerprint(head: bytes) -> str:
     """Hex digest of `head` (the caller passes exactly the bytes to fingerprint)."""
     return hashlib.sha256(head).hexdigest()
+
+
+def not_writable(path: Path) -> str | None:
+    """Why a checkpoint could not be written at ``path`` now (e.g. ``Permission denied``), or None if it can.
+
+    Found the way :func:`save_checkpoint` writes: a temp file is created in the same directory and removed at
+    once. Asking ``os.access`` instead would miss read-only mounts under some runtimes, ACLs and LSMs.
+    """
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
+    except OSError as e:
+        return e.strerror or str(e)
+    os.close(fd)
+    os.unlink(tmp)
+    return None
 
 
 @dataclass(frozen=True)
@@ -86,6 +105,10 @@ class Position:
     file: FileIdentity
     offset: int
     path: str  # only for messages: the name the file had when it was read
+    # Only for messages and loss accounting: the file's size in bytes when the position was taken (0: unknown, e.g.
+    # a .gz, whose offsets are into the decompressed data). If the file is gone at the next start, what was lost
+    # is at least size - offset (issue 12: "with the name and size last seen"). Not part of equality.
+    size: int = field(default=0, compare=False)
 
 
 class CheckpointError(Exception):
@@ -99,6 +122,7 @@ def _position_to_json(position: Position) -> dict[str, Any]:
         "file": {"dev": f.dev, "ino": f.ino, "fp_len": f.fp_len, "fp_hash": f.fp_hash},
         "offset": position.offset,
         "path": position.path,
+        "size": position.size,
         "written_at": time.time(),  # for operators only
     }
 
@@ -131,7 +155,9 @@ def _position_from_json(doc: Any) -> Position:
         fp_len=fp_len,
         fp_hash=fp_hash,
     )
-    return Position(file=identity, offset=_field(doc, "offset", int, ""), path=_field(doc, "path", str, ""))
+    # "size" came later (still version 1): optional, 0 (unknown) when absent.
+    size = _field(doc, "size", int, "") if "size" in doc else 0
+    return Position(file=identity, offset=_field(doc, "offset", int, ""), path=_field(doc, "path", str, ""), size=size)
 
 
 def load_checkpoint(path: Path) -> Position | None:
@@ -166,6 +192,10 @@ def load_checkpoint(path: Path) -> Position | None:
         raise CheckpointError(f"checkpoint {path} is invalid ({e}): {_RESTART_HINT}") from e
 
 
+def _encode(position: Position) -> bytes:
+    return json.dumps(_position_to_json(position), separators=(",", ":")).encode() + b"\n"
+
+
 def save_checkpoint(path: Path, position: Position) -> None:
     """Replace the checkpoint atomically: a crash at any point leaves either the old or the new file.
 
@@ -173,8 +203,7 @@ def save_checkpoint(path: Path, position: Position) -> None:
     over the old one, fsync the directory (else the rename itself may not survive a power loss).
     Raises OSError (read-only dir, disk full); the previous checkpoint file is then untouched.
     """
-    data = json.dumps(_position_to_json(position), separators=(",", ":")).encode() + b"\n"
-    replace_file(path, data)
+    replace_file(path, _encode(position))
     fsync_directory(path.parent)
 
 
@@ -236,30 +265,44 @@ class AckTracker:
 
 
 class CheckpointWriter:
-    """Writes checkpoint updates in the background, newest first, one at a time.
+    """Writes checkpoint updates in the background, newest first, one at a time, at most one per `interval`.
 
-    Acks can arrive thousands of times a second; each save costs two fsyncs. Only the newest position
-    matters, so updates that arrive while a write is running are coalesced into one next write. A failed
-    write (read-only dir, disk full) is logged (at most once per `error_log_interval`), the last good file
-    stays, shipping goes on, and the write is retried after `retry_delay` unless a newer update comes first:
-    a stale checkpoint only means duplicates after a restart, never loss.
+    Acks can arrive thousands of times a second; each save costs two fsyncs and a few thread round trips. Only the
+    newest position matters, so updates are coalesced: one write now and then carries the newest position. At steady
+    rates a write per chunk was a large share of the sidecar's CPU (issue 11), hence `interval` (1 s by default,
+    PYFORWARD_CHECKPOINT_INTERVAL): what a crash can make us send again grows by what was acked in that time, and the
+    pipeline bounds it anyway (its in-flight budget is freed only by a settled write; when that budget runs short it
+    asks for an `urgent` write, which skips the wait). `flush` and `close` write at once.
+
+    A failed write (read-only dir, disk full) is logged (at most once per `error_log_interval`), the last good file
+    stays, shipping goes on, and the write is retried after `retry_delay` unless a newer update comes first: a stale
+    checkpoint only means duplicates after a restart, never loss.
     """
 
     def __init__(
         self,
         path: Path,
         *,
+        interval: float = 0.0,
         error_log_interval: float = 60.0,
         retry_delay: float = 5.0,
         on_settled: Callable[[Position], None] | None = None,
+        on_task: Callable[[asyncio.Task[None]], None] | None = None,
     ) -> None:
         self.path = path
+        # Called with each background write task as it starts: `pyforward run` supervises them (an unexpected
+        # exception, anything but the OSError handled here, must end the process, not vanish with the task).
+        self._on_task = on_task
         # Called after each write attempt (written or failed) with the position it tried: the pipeline frees
         # the in-flight budget of what the checkpoint now covers, so a crash re-sends at most that budget.
         self._on_settled = on_settled
+        self._interval = interval
         self._error_log_interval = error_log_interval
         self._retry_delay = retry_delay
         self._pending: Position | None = None
+        self._urgent = False
+        self._wake = asyncio.Event()
+        self._next_write = float("-inf")  # loop time before which a non-urgent write waits
         self._task: asyncio.Task[None] | None = None
         self._retry: asyncio.TimerHandle | None = None
         self._unwritten: Position | None = None  # last position whose write failed
@@ -271,21 +314,45 @@ class CheckpointWriter:
         self._last_error_log = float("-inf")
         self._suppressed = 0
 
-    def update(self, position: Position) -> None:
-        """Schedule `position` to be written (replacing any not yet written). Call from the event loop."""
+    def update(self, position: Position, *, urgent: bool = False) -> None:
+        """Schedule `position` to be written (replacing any not yet written). Call from the event loop.
+
+        Written within `interval` of the previous write, or as soon as the running write is done if `urgent`."""
         if self._closed:
             raise RuntimeError(f"checkpoint writer for {self.path} is closed")
         self._pending = position
+        if urgent:
+            self._urgent = True
+            self._wake.set()
         if self._retry is not None:
             self._retry.cancel()
             self._retry = None
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run(), name="checkpoint-writer")
+            if self._on_task is not None:
+                self._on_task(self._task)
+
+    @property
+    def waiting(self) -> bool:
+        """An update is waiting for its write (the interval has not passed yet)."""
+        return self._pending is not None
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while self._pending is not None:
+            delay = self._next_write - loop.time()
+            if delay > 0 and not self._urgent:  # no timer at all while nothing is pending (idle costs nothing)
+                self._wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
             position, self._pending = self._pending, None
+            self._urgent = False
+            self._next_write = loop.time() + self._interval
             try:
+                # One thread round trip for the whole save (write, fsync, rename, directory fsync): through aiofiles
+                # each step is its own round trip, seven a save, which measured ~0.3 % of a core at one save a second
+                # (docs/architecture.md).
                 await asyncio.to_thread(save_checkpoint, self.path, position)
             except OSError as e:
                 self._failed(position, e)
@@ -336,8 +403,11 @@ class CheckpointWriter:
             self.update(position)
 
     async def flush(self) -> None:
-        """Return once every update made so far has been written or has failed."""
+        """Write now what is pending; return once every update made so far has been written or has failed."""
         while self._task is not None and not self._task.done():
+            if self._pending is not None:
+                self._urgent = True
+                self._wake.set()
             await asyncio.shield(self._task)
 
     async def close(self) -> None:

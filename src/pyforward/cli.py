@@ -150,14 +150,15 @@ def cmd_run(ns: argparse.Namespace) -> int:
 
 
 async def _run(settings: Settings) -> int:
-    from pyforward.pipeline import Pipeline, StartupError
+    from pyforward.connection import StartupError
+    from pyforward.pipeline import Pipeline
 
     metrics = health = server = None
     if settings.metrics_bind:
-        from pyforward.metrics import HealthState, Metrics, heartbeat, start_server
+        from pyforward.metrics import HealthState, Metrics, start_server
 
         metrics = Metrics()
-        health = HealthState(ready_max_backlog_bytes=settings.ready_max_backlog_bytes)
+        health = HealthState(ready_max_backlog_bytes=settings.ready_max_backlog_bytes, loop=asyncio.get_running_loop())
     try:
         pipeline = Pipeline(settings, metrics=metrics, health=health)
         start = pipeline.check_startup()
@@ -167,7 +168,6 @@ async def _run(settings: Settings) -> int:
         return EXIT_USAGE
     stop = asyncio.Event()
     _install_stop(stop)
-    beat = None
     if metrics is not None and health is not None and settings.metrics_bind:
         try:
             server = start_server(settings.metrics_bind, metrics, health)
@@ -176,12 +176,9 @@ async def _run(settings: Settings) -> int:
                   file=sys.stderr)
             return EXIT_USAGE
         log.info("metrics and health on http://%s/metrics", settings.metrics_bind)
-        beat = asyncio.create_task(heartbeat(health))
     try:
         return await pipeline.run(stop, start)
     finally:
-        if beat is not None:
-            beat.cancel()
         if server is not None:
             server.close()
 

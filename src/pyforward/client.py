@@ -32,6 +32,7 @@ from pyforward.protocol import (
     make_ping,
     verify_pong,
 )
+from pyforward.transport import socket_transport
 
 log = logging.getLogger("pyforward.client")
 
@@ -103,17 +104,54 @@ class ForwardClient:
         self._task: asyncio.Task[None] | None = None
         self._conn_task: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
-        self._sent = asyncio.Event()  # set when a chunk goes on the wire: the ack clock starts
+        self._ack_deadline: asyncio.Timeout | None = None  # the receive loop's, while a connection is up
+        self._writer: asyncio.StreamWriter | None = None  # while a connection is up and its handshake is done
+        self._held: asyncio.TimerHandle | None = None  # acks not read until it fires (hold_acks)
 
     # --- public API ----------------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self) -> asyncio.Task[None]:
+        """Start the connection loop; returns its task (`pyforward run` supervises it: it must never end)."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="forward-client")
+        return self._task
 
     def submit(self, chunk: Chunk) -> None:
-        self._pending.append(chunk)
         self._idle.clear()
+        writer = self._writer
+        if (
+            writer is not None
+            and not self._pending
+            and len(self._inflight) < self.config.window
+            and writer.transport.get_write_buffer_size() == 0
+        ):
+            # The common case at steady rates: connected, room in the window, nothing queued. Write now rather than
+            # wake the sender task for it (a task step per chunk, issue 11); the empty buffer means no drain is due.
+            self._write(writer, chunk)
+            return
+        self._pending.append(chunk)
         self._wakeup.set()
+
+    def hold_acks(self, until: float) -> None:
+        """Read no ack before loop time `until`: the caller will be awake then anyway.
+
+        At steady rates the pipeline sends a chunk and sleeps one latency budget; the ack comes a millisecond later and
+        woke the process a second time per chunk, and in a VM each wakeup costs ~0.2 ms of CPU (issue 11). So the
+        socket is not watched until then: the ack waits in the kernel and is read in the same wakeup as the pipeline's
+        next look. (What an ack frees, budget and checkpoint, has no use before then; the ack deadline is far later.)
+        """
+        writer = self._writer
+        if writer is None or self._held is not None:
+            return
+        raw = socket_transport(writer)
+        if raw is None or not raw.is_reading():  # (paused by TLS flow control: leave it alone)
+            return
+        raw.pause_reading()
+        self._held = asyncio.get_running_loop().call_at(until, self._release_acks, raw)
+
+    def _release_acks(self, raw: asyncio.Transport) -> None:
+        self._held = None
+        if not raw.is_closing() and not raw.is_reading():
+            raw.resume_reading()
 
     @property
     def unacked(self) -> int:
@@ -204,9 +242,14 @@ class ForwardClient:
                 await asyncio.wait_for(self._handshake(reader, writer, decoder), self.config.handshake_timeout)
             self._set_connected(True)
             sender = asyncio.get_running_loop().create_task(self._send_loop(writer))
+            self._writer = writer
             try:
                 await self._receive_loop(reader, decoder)
             finally:
+                if self._held is not None:
+                    self._held.cancel()
+                    self._held = None
+                self._writer = None
                 sender.cancel()
                 with contextlib.suppress(asyncio.CancelledError, OSError, _Reconnect):
                     await sender
@@ -260,49 +303,49 @@ class ForwardClient:
             while not self._pending or len(self._inflight) >= window:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            chunk = self._pending.popleft()
-            self._inflight[chunk.chunk_id.encode()] = (chunk, time.monotonic())
-            self.stats.chunks_sent += 1
-            self._sent.set()
-            writer.write(chunk.payload)
+            self._write(writer, self._pending.popleft())
             await writer.drain()
 
+    def _write(self, writer: asyncio.StreamWriter, chunk: Chunk) -> None:
+        first = not self._inflight
+        self._inflight[chunk.chunk_id.encode()] = (chunk, time.monotonic())
+        self.stats.chunks_sent += 1
+        if first:  # the ack clock starts (later chunks do not move the oldest one's deadline)
+            self._arm_ack_deadline()
+        writer.write(chunk.payload)
+
     async def _receive_loop(self, reader: asyncio.StreamReader, decoder: ClientDecoder) -> None:
-        read: asyncio.Task[bytes] | None = None
+        # The wait for the oldest chunk's ack is bounded (fluent-bit has no bound and stalls on a silent peer). One
+        # deadline for the whole loop, moved as chunks are sent and acked (_arm_ack_deadline): a plain read per ack, no
+        # task or timer made per chunk (they were a good share of the CPU at steady rates, issue 11).
         try:
-            while True:
-                if read is None:
-                    read = asyncio.ensure_future(reader.read(65536))
-                if self._inflight:
-                    # Bound the wait for the oldest chunk's ack (fluent-bit has none and stalls on a silent peer).
-                    oldest_sent = next(iter(self._inflight.values()))[1]
-                    timeout = max(0.0, oldest_sent + self.config.ack_timeout - time.monotonic())
-                    done, _ = await asyncio.wait({read}, timeout=timeout)
-                    if not done:
-                        raise _Reconnect(
-                            f"no ack within {self.config.ack_timeout:g}s for {len(self._inflight)} chunk(s) in flight"
-                        )
-                else:
-                    # Nothing awaits an ack: wait for data, or for the sender to put a chunk on the wire.
-                    self._sent.clear()
-                    sent = asyncio.ensure_future(self._sent.wait())
-                    try:
-                        await asyncio.wait({read, sent}, return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        sent.cancel()
-                    if not read.done():
-                        continue
-                data = read.result()
-                read = None
-                if not data:
-                    raise _Reconnect("receiver closed the connection")
-                for event in decoder.feed(data):
-                    if not isinstance(event, Ack):
-                        raise ProtocolError(f"unexpected {type(event).__name__} from the receiver")
-                    self._acked(event.chunk_id)
+            async with asyncio.timeout(None) as deadline:
+                self._ack_deadline = deadline
+                self._arm_ack_deadline()
+                while True:
+                    data = await reader.read(65536)
+                    if not data:
+                        raise _Reconnect("receiver closed the connection")
+                    for event in decoder.feed(data):
+                        if not isinstance(event, Ack):
+                            raise ProtocolError(f"unexpected {type(event).__name__} from the receiver")
+                        self._acked(event.chunk_id)
+        except TimeoutError:
+            raise _Reconnect(
+                f"no ack within {self.config.ack_timeout:g}s for {len(self._inflight)} chunk(s) in flight"
+            ) from None
         finally:
-            if read is not None:
-                read.cancel()
+            self._ack_deadline = None
+
+    def _arm_ack_deadline(self) -> None:
+        """The receive loop gives up at the oldest unacked chunk's send time + ack_timeout (never while none is)."""
+        if self._ack_deadline is None:
+            return
+        if self._inflight:
+            oldest_sent = next(iter(self._inflight.values()))[1]  # time.monotonic(), the clock of asyncio's loop.time()
+            self._ack_deadline.reschedule(oldest_sent + self.config.ack_timeout)
+        else:
+            self._ack_deadline.reschedule(None)
 
     def _acked(self, chunk_id: bytes) -> None:
         entry = self._inflight.pop(chunk_id, None)
@@ -314,7 +357,9 @@ class ForwardClient:
         self.stats.chunks_acked += 1
         self.stats.records_acked += chunk.records
         self.stats.ack_latencies.append(latency)
-        self._wakeup.set()
+        if self._pending:  # a chunk waits for room in the window (else waking the sender would find nothing to do)
+            self._wakeup.set()
+        self._arm_ack_deadline()
         if not self._pending and not self._inflight:
             self._idle.set()
         if self._on_ack is not None:

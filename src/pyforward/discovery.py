@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyforward.atomic import fsync_directory, replace_file
+from pyforward.atomic import replace_file_async
 from pyforward.settings import Settings
 
 __all__ = ["Discovery", "Target"]
@@ -600,7 +600,7 @@ class Discovery:
                 # Never show the value.
                 self._warn_once(f"b64:{key}", f"{where} key {key} is not valid base64; keeping the current files")
                 return
-        changed = await asyncio.to_thread(_write_files, self.settings.tls_dir, decoded)
+        changed = await _write_files(self.settings.tls_dir, decoded)
         if changed:
             _say(logging.INFO, f"wrote {', '.join(changed)} from {where} into {self.settings.tls_dir}")
         first = not self._secret_ready
@@ -706,25 +706,28 @@ async def _status_error(response: Any) -> _APIStatus:
     return _APIStatus(int(response.status), reason)
 
 
-def _write_files(directory: Path, files: dict[str, bytes]) -> list[str]:
-    """Write each changed file atomically (temp file in the directory, 0600, fsync, rename), in the order
-    given. Returns the names written. Each file is replaced atomically, the three together are not: the TLS
-    layer (certs.py) checks that key and certificate belong together before it uses them, and keeps the
-    last good context until they do."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+async def _write_files(directory: Path, files: dict[str, bytes]) -> list[str]:
+    """Write each changed file atomically (temp file in the directory, 0600, fsync, rename, directory fsync), in the
+    order given, with aiofiles (no blocking call on the loop). Returns the names written. Each file is replaced
+    atomically, the three together are not: the TLS layer (certs.py) checks that key and certificate belong together
+    before it uses them, and keeps the last good context until they do."""
+    import aiofiles
+    import aiofiles.os
+
+    await aiofiles.os.makedirs(directory, exist_ok=True, mode=0o700)
     written: list[str] = []
     for name, content in files.items():
         if "/" in name or name in ("", ".", ".."):
             raise ValueError(f"Secret key {name!r} is not a usable file name")
         path = directory / name
         try:
-            same = path.read_bytes() == content and (path.stat().st_mode & 0o777) == 0o600
+            async with aiofiles.open(path, "rb") as current:
+                same = await current.read() == content
+            same = same and ((await aiofiles.os.stat(path)).st_mode & 0o777) == 0o600
         except OSError:
             same = False
         if same:
             continue
-        replace_file(path, content)
+        await replace_file_async(path, content)
         written.append(name)
-    if written:
-        fsync_directory(directory)  # the renames are durable only once the directory is synced
     return written

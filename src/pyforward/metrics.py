@@ -11,24 +11,31 @@ loop has not run for ``loop_stall_seconds``.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import ipaddress
 import logging
+import os
+import select
+import selectors
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
 
 from pyforward import __version__
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL = 0.5  # seconds between two refreshes of HealthState.loop_heartbeat
+RESTART_INITIAL, RESTART_MAX = 1.0, 60.0  # backoff of the HTTP server's restarts after a failure
 
 # Ack latency spans a loopback receiver (< 1 ms) to a congested fluentd behind a tunnel (tens of seconds); the
 # client's ack timeout defaults to 30 s, so the top bucket is above it.
@@ -37,6 +44,9 @@ ACK_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 PARSE_ERROR_KINDS = ("json", "not_object", "invalid_utf8", "bad_time")
 CHECKPOINT_RESULTS = ("ok", "error")
 CERT_KINDS = ("receiver", "proxy")
+#: The tasks that are restarted when they fail (pyforward_task_restarts_total{task}); the others end the process
+#: (supervise.py, docs/architecture.md).
+RESTARTED_TASKS = ("discovery", "metrics")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
@@ -47,6 +57,11 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        # The process's own CPU and memory (process_cpu_seconds_total, process_resident_memory_bytes, open fds) and
+        # python_info, read from /proc at each scrape: the dashboard's CPU and RSS panels (docs/monitoring/) use them,
+        # and this registry is not prometheus_client's global one, which has them by default.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
 
         def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
             # prometheus_client appends _total to the sample name (pyforward_<name>_total).
@@ -69,6 +84,23 @@ class Metrics:
             "truncation_lost_bytes",
             "Bytes of the log that were never read because the file was truncated or rewritten in place.",
         )
+        # --- losses (issue 12): created at 0, so that increase() and absent() work from the first scrape ---------
+        self.lost_files = counter(
+            "lost_files",
+            "Rotated log files that disappeared before they were read to their end (the API server's retention ran "
+            "out while shipping was behind), and checkpointed files gone at start. Each is logged at ERROR.",
+        )
+        self.lost_bytes = counter(
+            "lost_bytes",
+            "Bytes of those files that were not read, at the size last seen (compressed bytes for a .gz; files "
+            "created and deleted between two looks are not seen): a lower bound.",
+        )
+        self.checkpoint_misses = counter(
+            "checkpoint_misses", "Starts where the file named by the checkpoint was gone (its unread lines lost)."
+        )
+        self.unreadable_files = counter(
+            "unreadable_files", "Rotated files skipped or cut short because they could not be read (corrupt .gz)."
+        )
         self.parse_errors = counter(
             "parse_errors",
             "Lines shipped with a parse problem, by kind (json, not_object, invalid_utf8, bad_time).",
@@ -86,7 +118,8 @@ class Metrics:
         )
         self.ack_latency = Histogram(
             "pyforward_ack_latency_seconds",
-            "Seconds from writing a chunk to receiving its ack.",
+            "Seconds from writing a chunk to reading its ack. At steady rates acks are read at the next look at the "
+            "log, up to flush_interval later (no wakeup per ack).",
             buckets=ACK_LATENCY_BUCKETS,
             registry=r,
         )
@@ -94,7 +127,14 @@ class Metrics:
         self.checkpoint_writes = counter("checkpoint_writes", "Checkpoint writes, by result (ok, error).", ("result",))
         # --- state --------------------------------------------------------------------------------------------
         self.backlog_bytes = gauge(
-            "backlog_bytes", "Bytes in the audit log and its rotated files not yet acked (the file is the buffer)."
+            "backlog_bytes",
+            "Bytes in the audit log and its rotated files not yet acked (the file is the buffer): the rest of the "
+            "file being read, every unread backup, the live log, and what is in flight. A gzipped backup counts at "
+            "its size on disk (compressed: less than it holds).",
+        )
+        self.log_files = gauge("log_files", "Files of the audit log present at the last look: the live log + backups.")
+        self.backlog_files = gauge(
+            "backlog_files", "Of those, files not yet read to their end, the one being read included."
         )
         self.backlog_seconds = gauge(
             "backlog_seconds", "Age in seconds of the oldest line not yet acked; 0 when caught up."
@@ -110,6 +150,11 @@ class Metrics:
             "last_ack_timestamp_seconds", "Unix time of the last ack received; 0 before the first."
         )
         self.build_info = gauge("build_info", "Always 1; the labels name the running version.", ("version",))
+        self.task_restarts = counter(
+            "task_restarts",
+            "Background tasks restarted after an unexpected error (logged at ERROR with a traceback), by task.",
+            ("task",),
+        )
 
         # Label values known in advance are created at 0, so that rate() and absent() work from the first scrape.
         # Certificate expiry is left unset until a certificate is loaded: a 0 would read as "expired".
@@ -117,32 +162,80 @@ class Metrics:
             self.parse_errors.labels(kind=kind)
         for result in CHECKPOINT_RESULTS:
             self.checkpoint_writes.labels(result=result)
+        for task in RESTARTED_TASKS:
+            self.task_restarts.labels(task=task)
         self.build_info.labels(version=__version__).set(1)
 
 
 @dataclass
 class HealthState:
     """What /healthz and /readyz read. The pipeline sets the fields from the event loop; the HTTP thread only reads
-    them (single attribute reads and writes are atomic, no lock needed)."""
+    them (single attribute reads and writes are atomic, no lock needed).
+
+    Nothing runs periodically for it (issue 11: idle must cost nothing): /healthz asks the loop to answer (a callback
+    scheduled from the HTTP thread), and /metrics and /readyz run ``refresh`` on the loop first (backlog, certificate
+    expiry, ...), so values are computed when someone looks.
+    """
 
     connected: bool = False
     backlog_bytes: int = 0
     ready_max_backlog_bytes: int = 64 << 20
-    loop_heartbeat: float = field(default_factory=time.monotonic)
+    loop_heartbeat: float = field(default_factory=time.monotonic)  # when the loop last answered (or was told to be ok)
+    loop: asyncio.AbstractEventLoop | None = None  # the loop to ask; None: only loop_heartbeat is looked at
+    refresh: Callable[[], Coroutine[Any, Any, None]] | None = None  # run on the loop before /metrics and /readyz
+    _asked: float | None = None  # when the question still unanswered was scheduled
+    _answered: threading.Event = field(default_factory=threading.Event)
 
 
-async def heartbeat(health: HealthState) -> None:
-    """Refresh ``health.loop_heartbeat`` every HEARTBEAT_INTERVAL seconds, forever: run it as a task on the loop."""
-    while True:
-        health.loop_heartbeat = time.monotonic()
-        await asyncio.sleep(HEARTBEAT_INTERVAL)
+def _ask_loop(health: HealthState, wait: float) -> float:
+    """How long the loop has not answered: schedule a callback on it (unless one is still pending) and wait up to
+    `wait` for it. 0.0 when it answered. From the HTTP thread."""
+    loop = health.loop
+    if loop is None or loop.is_closed():
+        return time.monotonic() - health.loop_heartbeat
+    if health._asked is None:
+        answered = threading.Event()
+        health._answered = answered
+        health._asked = time.monotonic()
+
+        def answer() -> None:
+            health.loop_heartbeat = time.monotonic()
+            health._asked = None
+            answered.set()
+
+        try:
+            loop.call_soon_threadsafe(answer)
+        except RuntimeError:  # the loop closed meanwhile
+            health._asked = None
+            return 0.0
+    asked = health._asked
+    if health._answered.wait(wait) or asked is None:
+        return 0.0
+    return time.monotonic() - asked
 
 
 def healthz(health: HealthState, loop_stall_seconds: float) -> tuple[int, str]:
-    stale = time.monotonic() - health.loop_heartbeat
+    stale = _ask_loop(health, min(1.0, loop_stall_seconds / 2))
     if stale > loop_stall_seconds:
         return 503, f"event loop stalled: no heartbeat for {stale:.1f} s (limit {loop_stall_seconds:g} s)"
     return 200, "ok"
+
+
+def _refresh(health: HealthState, timeout: float = 2.0) -> None:
+    """Run ``health.refresh`` on the loop and wait (bounded) for it: a stalled loop leaves the last values."""
+    loop, refresh = health.loop, health.refresh
+    if loop is None or refresh is None or loop.is_closed():
+        return
+    try:
+        future = asyncio.run_coroutine_threadsafe(refresh(), loop)
+    except RuntimeError:  # the loop closed meanwhile
+        return
+    try:
+        future.result(timeout)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+    except Exception:
+        log.exception("refreshing the metrics failed")
 
 
 def readyz(health: HealthState) -> tuple[int, str]:
@@ -163,10 +256,12 @@ def make_app(metrics: Metrics, health: HealthState, loop_stall_seconds: float = 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO") or "/"
         if path == "/metrics":
+            _refresh(health)
             return metrics_app(environ, start_response)  # type: ignore[no-any-return]
         if path == "/healthz":
             status, text = healthz(health, loop_stall_seconds)
         elif path == "/readyz":
+            _refresh(health)
             status, text = readyz(health)
         elif path == "/":
             status, text = 200, "pyforward: /metrics /healthz /readyz"
@@ -192,6 +287,10 @@ class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
     allow_reuse_address = True
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver prints the traceback to stderr, outside the JSON logs.
+        log.error("metrics: handling a request from %s failed", client_address, exc_info=True)
+
 
 class _QuietHandler(WSGIRequestHandler):
     # A client that connects and sends nothing would hold its thread forever: bound every socket read.
@@ -211,12 +310,46 @@ def parse_bind(bind: str) -> tuple[str, int]:
     return host or "0.0.0.0", int(port_text)
 
 
+def _serve(httpd: WSGIServer, stop: int, on_restart: Callable[[], None] | None = None) -> None:
+    """Serve until `stop` is written. If the serving loop fails, it is logged and started again after a capped backoff
+    (a daemon thread that dies is silent, and /healthz with it: issue 12); the socket stays bound meanwhile."""
+    delay = RESTART_INITIAL
+    while True:
+        try:
+            _serve_until(httpd, stop)
+            return
+        except Exception as exc:
+            log.error(
+                "task metrics failed: %s; restarting it in %.1fs", exc, delay, exc_info=True, extra={"task": "metrics"}
+            )
+            if on_restart is not None:
+                on_restart()
+            if select.select([stop], [], [], delay)[0]:
+                return
+            delay = min(delay * 2, RESTART_MAX)
+
+
+def _serve_until(httpd: WSGIServer, stop: int) -> None:
+    """serve_forever without its poll: socketserver wakes every poll_interval to look for a shutdown request (10 times
+    a second, a cost at idle: issue 11). Here the thread sleeps in select until a request comes or `stop` is written."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(httpd, selectors.EVENT_READ)
+        selector.register(stop, selectors.EVENT_READ)
+        while True:
+            ready = selector.select()
+            if any(key.fileobj == stop for key, _ in ready):
+                return
+            httpd.handle_request()  # the socket is readable: accepts without blocking, handles in a thread
+
+
 class Server:
     """The metrics and health endpoint, served from a daemon thread."""
 
-    def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
+    def __init__(self, httpd: WSGIServer, thread: threading.Thread, stop_r: int, stop_w: int) -> None:
         self._httpd = httpd
         self._thread = thread
+        self._stop_r = stop_r
+        self._stop_w = stop_w
         address = httpd.server_address
         self.host: str = str(address[0])
         self.port: int = int(address[1])
@@ -229,8 +362,14 @@ class Server:
     def close(self) -> None:
         """Stop serving and release the port; safe to call twice."""
         if self._thread.is_alive():
-            self._httpd.shutdown()
+            with contextlib.suppress(OSError):
+                os.write(self._stop_w, b"x")
             self._thread.join(timeout=5)
+        if self._stop_w >= 0:
+            for fd in (self._stop_r, self._stop_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._stop_r = self._stop_w = -1
         self._httpd.server_close()
 
 
@@ -254,11 +393,15 @@ def start_server(bind: str, metrics: Metrics, health: HealthState, loop_stall_se
         )
     except OSError as exc:
         raise OSError(exc.errno, f"cannot serve metrics on {bind}: {exc.strerror}") from None
-    # poll_interval bounds how long close() waits for serve_forever to notice the shutdown request.
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="pyforward-metrics")
+    stop_r, stop_w = os.pipe()
+
+    def restarted() -> None:
+        metrics.task_restarts.labels(task="metrics").inc()
+
+    thread = threading.Thread(target=_serve, args=(httpd, stop_r, restarted), name="pyforward-metrics")
     thread.daemon = True
     thread.start()
-    server = Server(httpd, thread)
+    server = Server(httpd, thread, stop_r, stop_w)
     log.debug("serving /metrics, /healthz and /readyz on %s", server.url, extra={"bind": bind})
     return server
 

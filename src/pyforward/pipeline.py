@@ -16,18 +16,25 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from pyforward.certs import CertError, TLSFiles, TLSMaterial
-from pyforward.checkpoint import AckTracker, CheckpointError, CheckpointWriter, Position, load_checkpoint
-from pyforward.client import ClientConfig, ForwardClient, NoDestination, Stream
+from pyforward.certs import CertError
+from pyforward.checkpoint import AckTracker, CheckpointError, CheckpointWriter, Position, load_checkpoint, not_writable
+from pyforward.client import ForwardClient, NoDestination, Stream
+from pyforward.connection import (
+    StartupError,
+    client_config,
+    load_receiver_tls,
+    proxy_from,
+    require_discovery_package,
+    tls_material,
+)
 from pyforward.protocol import Chunk, EntryPacker, EventTime, build_chunk
 from pyforward.records import EntryEncoder, RecordParser, RecordStats
 from pyforward.settings import Settings, env_name
+from pyforward.supervise import Policy, Supervisor
 from pyforward.tail import Tailer, TailerStats
-from pyforward.transport import Destination, Proxy, open_stream
+from pyforward.transport import Destination, open_stream
 
 if TYPE_CHECKING:
     from pyforward.discovery import Discovery, Target
@@ -36,22 +43,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("pyforward.run")
 
 
-class StartupError(Exception):
-    """A problem found before anything starts: one line for the operator, exit code 2."""
-
-
 class ByteBudget:
     """Bound on source bytes in flight (submitted, not yet acked). One chunk always fits when nothing is in flight."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
+        self.waiting = False  # a chunk waits for room
         self._changed = asyncio.Event()
 
     async def acquire(self, size: int) -> None:
         while self.used and self.used + size > self.limit:
             self._changed.clear()
-            await self._changed.wait()
+            self.waiting = True
+            try:
+                await self._changed.wait()
+            finally:
+                self.waiting = False
         self.used += size
 
     def release(self, size: int) -> None:
@@ -65,105 +73,15 @@ class _Building:
 
     entries: list[bytes]
     size: int = 0
-    started: float = 0.0
+    due: float = 0.0  # monotonic time by which it leaves (its first line waited the latency budget then)
+    batched: bool = False  # its lines came while the writer was writing steadily (not after a quiet spell)
     end: Position | None = None
 
 
-def tls_material(settings: Settings) -> TLSMaterial | None:
-    if not settings.tls:
-        return None
-    ca, cert, key = settings.receiver_tls_files
-    return TLSMaterial(
-        TLSFiles(ca_file=ca, cert_file=cert, key_file=key, server_name=settings.effective_server_name),
-        purpose="client",
-        name="receiver",
-        expiry_warning=timedelta(days=settings.cert_expiry_warning_days),
-    )
-
-
-def load_receiver_tls(settings: Settings, material: TLSMaterial | None) -> None:
-    """Load the receiver's TLS files now: a configured but unusable file is a StartupError naming the setting."""
-    if material is None:
-        return
-    try:
-        material.load()
-    except CertError as exc:
-        raise StartupError(f"receiver TLS{_named(settings, exc, 'tls_')}: {exc}") from None
-
-
-def connection_material(settings: Settings) -> tuple[TLSMaterial | None, Proxy | None]:
-    """The receiver's TLS material (loaded) and the proxy, for `send` and `check`; StartupError when unusable."""
-    material = tls_material(settings)
-    load_receiver_tls(settings, material)
-    return material, proxy_from(settings)
-
-
-def _named(settings: Settings, error: CertError, prefix: str) -> str:
-    """The setting(s) whose file a CertError is about, as " (PYFORWARD_TLS_CA_FILE)": operators are told which
-    setting to fix (CertError names the file and its role only)."""
-    names = [
-        env_name(name)
-        for name in (f"{prefix}ca_file", f"{prefix}cert_file", f"{prefix}key_file")
-        if (path := getattr(settings, name)) is not None and str(path) in str(error)
-    ]
-    return f" ({', '.join(names)})" if names else ""
-
-
-def proxy_from(settings: Settings) -> Proxy | None:
-    if not (settings.proxy_uds or settings.proxy_host):
-        return None
-    material = None
-    if settings.effective_proxy_tls:
-        material = TLSMaterial(
-            TLSFiles(
-                ca_file=settings.proxy_ca_file,
-                cert_file=settings.proxy_cert_file,
-                key_file=settings.proxy_key_file,
-                server_name=settings.proxy_server_name,
-            ),
-            purpose="client",
-            name="proxy",
-            expiry_warning=timedelta(days=settings.cert_expiry_warning_days),
-        )
-        try:
-            material.load()
-        except CertError as exc:
-            raise StartupError(f"proxy TLS{_named(settings, exc, 'proxy_')}: {exc}") from None
-    try:
-        return _proxy(settings, material)
-    except ValueError as exc:
-        raise StartupError(f"proxy settings: {exc}") from None
-
-
-def _proxy(settings: Settings, material: TLSMaterial | None) -> Proxy:
-    return Proxy(
-        uds=settings.proxy_uds,
-        host=settings.proxy_host,
-        port=settings.proxy_port if settings.proxy_host else None,
-        tls=material,
-        server_name=settings.proxy_server_name,
-        username=settings.proxy_username,
-        password=settings.proxy_password.get_secret_value() if settings.proxy_password else None,
-    )
-
-
-def client_config(settings: Settings) -> ClientConfig:
-    return ClientConfig(
-        shared_key=settings.shared_key.get_secret_value() if settings.shared_key else None,
-        username=settings.username or "",
-        password=settings.password.get_secret_value() if settings.password else "",
-        hostname=settings.self_hostname,
-        window=settings.window,
-        ack_timeout=settings.ack_timeout,
-        handshake_timeout=settings.connect_timeout,
-        backoff_initial=settings.backoff_initial,
-        backoff_max=settings.backoff_max,
-    )
-
-
-#: Smaller chunks (source bytes) are compressed in the event loop: gzip -1 of 64 KiB takes ~0.2 ms, less than a
-#: round trip through a worker thread costs here (~0.13 ms of CPU), and at low rates every chunk is small.
-_INLINE_GZIP_BYTES = 64 << 10
+#: Smaller chunks (source bytes) are compressed in the event loop: ISA-L gzip of 256 KiB takes ~0.3 ms, about what a
+#: round trip through a worker thread costs here in CPU and wakeups, and at steady rates every chunk is smaller (a
+#: latency budget at 1,000 events/s is ~80 KiB). Bulk chunks (1 MiB) overlap with parsing in the gzip thread.
+_INLINE_GZIP_BYTES = 256 << 10
 #: Chunks compressing or waiting for the gzip thread: one being compressed while the next is being read.
 _COMPRESS_AHEAD = 2
 
@@ -185,7 +103,14 @@ class Pipeline:
         self.packer = EntryPacker()
         self.encoder = EntryEncoder(self.parser, self.packer)
         self.tracker = AckTracker()
-        self.checkpoint = CheckpointWriter(settings.effective_checkpoint_path, on_settled=self._checkpointed)
+        # Every long-running task of `run` is started through it: none dies silently (issue 12, supervise.py).
+        self.supervisor = Supervisor(on_restart=self._task_restarted)
+        self.checkpoint = CheckpointWriter(
+            settings.effective_checkpoint_path,
+            interval=settings.checkpoint_interval,
+            on_settled=self._checkpointed,
+            on_task=lambda task: self.supervisor.watch("checkpoint", task),
+        )
         self.budget = ByteBudget(settings.max_inflight_bytes)
         self.proxy = proxy_from(settings)
         self.tls = tls_material(settings)
@@ -202,11 +127,15 @@ class Pipeline:
         self._tailer: Tailer | None = None
         self._reported: dict[str, int] = {}
         self._acked_sizes: dict[int, int] = {}  # seq -> source bytes, acked, budget not yet freed
+        self._unsaved = 0  # their sum
         self._marks: deque[tuple[Position, int]] = deque()  # checkpoint positions handed to the writer
         self._released_below = 0  # budget freed for every seq below this
         self._last_ack = 0.0
+        self._last_data = float("-inf")  # monotonic time of the last read that returned lines
+        self._quiet = False  # the last wait for the writer ended after a quiet spell: ship the next lines at once
         # Chunks being built (gzip), in read order; the sender hands them to the client in that order.
         self._outbox: asyncio.Queue[asyncio.Future[Chunk]] | None = None
+        self._compressing = 0  # chunks in the outbox or being awaited by the sender: later chunks queue behind them
         # One thread, so chunks leave it in the order they went in. gzip releases the GIL: chunk N is compressed
         # while the loop parses chunk N+1 (awaiting each compression serialised the two: profile in bench/README).
         self._compressor: ThreadPoolExecutor | None = None
@@ -216,13 +145,32 @@ class Pipeline:
 
     # --- start-up ------------------------------------------------------------------------------------------
     def check_startup(self) -> Position | None:
-        """Everything that must fail before anything starts: certificates, the checkpoint."""
+        """Everything that must fail before anything starts: certificates, packages, the checkpoint."""
         if not self.settings.discovery_enabled:
             load_receiver_tls(self.settings, self.tls)
+        else:
+            require_discovery_package(self.settings)
         try:
-            return load_checkpoint(self.settings.effective_checkpoint_path)
+            start = load_checkpoint(self.settings.effective_checkpoint_path)
         except CheckpointError as exc:
             raise StartupError(str(exc)) from None
+        self._check_checkpoint_writable()
+        return start
+
+    def _check_checkpoint_writable(self) -> None:
+        """One clear line at start-up when the checkpoint cannot be written (issue 13: the volume is not writable
+        by the image's uid 65532). Not fatal: shipping without a checkpoint still delivers every event; only a
+        restart cannot resume where it stopped. The checkpoint writer keeps reporting each failed write."""
+        path = self.settings.effective_checkpoint_path
+        problem = not_writable(path)
+        if problem is not None:
+            uid = os.getuid()
+            log.error(
+                "cannot write the checkpoint %s: its directory is not writable by uid %d gid %d (%s); shipping goes "
+                "on, but a restart will not resume where it stopped. Fix: make the volume writable by uid %d "
+                "(Kubernetes: securityContext.fsGroup), or set %s to a writable volume",
+                path, uid, os.getgid(), problem, uid, env_name("checkpoint_path"),
+            )
 
     # --- the connection ------------------------------------------------------------------------------------
     async def _connect(self) -> Stream:
@@ -262,11 +210,16 @@ class Pipeline:
         # be: shipping goes on with a stale checkpoint). So whatever a crash makes us send again — chunks in
         # flight, and acked ones the checkpoint did not cover yet — stays within max_inflight_bytes.
         self._acked_sizes[chunk.position] = chunk.size
+        self._unsaved += chunk.size
         position = self.tracker.ack(chunk.position)
         if position is not None:
             self.acked_position = position
             self._marks.append((position, self.tracker.acked_below))
-            self.checkpoint.update(position)
+            # Writes are coalesced in time (checkpoint_interval); but what they cover holds budget, so when the reader
+            # waits for room, or a chunk's worth of acked bytes is unsaved (bulk rates: every ack, as before; at 1,000
+            # events/s about once a second anyway), write at once.
+            urgent = self.budget.waiting or self._unsaved >= self.settings.chunk_max_bytes
+            self.checkpoint.update(position, urgent=urgent)
         if self.metrics is not None:
             self.metrics.records_acked.inc(chunk.records)
             self.metrics.chunks_acked.inc()
@@ -285,7 +238,9 @@ class Pipeline:
         if covered is None:
             return  # a retry of a position settled before
         for seq in range(self._released_below, covered):
-            self.budget.release(self._acked_sizes.pop(seq))
+            size = self._acked_sizes.pop(seq)
+            self._unsaved -= size
+            self.budget.release(size)
         self._released_below = max(self._released_below, covered)
         if self.metrics is not None:
             self.metrics.inflight_bytes.set(self.budget.used)
@@ -337,12 +292,16 @@ class Pipeline:
             )
             future.add_done_callback(lambda _: self._compress_slots.release())
         else:
-            future = asyncio.get_running_loop().create_future()
             compress = settings.compress == "gzip"
             chunk = build_chunk(
                 settings.tag, blob, records, size=size, compress=compress, level=settings.compress_level, position=seq
             )
+            if not self._compressing:  # nothing earlier is still compressing: hand it over now, no task hop
+                self._sent(chunk)
+                return
+            future = asyncio.get_running_loop().create_future()
             future.set_result(chunk)
+        self._compressing += 1
         self._outbox.put_nowait(future)
 
     async def _send_loop(self) -> None:
@@ -352,44 +311,48 @@ class Pipeline:
         while True:
             future = await outbox.get()
             try:
-                chunk = await future
+                self._sent(await future)
             finally:
+                self._compressing -= 1
                 outbox.task_done()
-            self.client.submit(chunk)
-            if self.metrics is not None:
-                self.metrics.records_sent.inc(chunk.records)
-                self.metrics.chunks_sent.inc()
-                self.metrics.inflight_bytes.set(self.budget.used)
+
+    def _sent(self, chunk: Chunk) -> None:
+        self.client.submit(chunk)
+        if self.metrics is not None:
+            self.metrics.records_sent.inc(chunk.records)
+            self.metrics.chunks_sent.inc()
+            self.metrics.inflight_bytes.set(self.budget.used)
 
     async def _read_loop(self, tailer: Tailer, building: _Building) -> None:
-        """Read, encode, cut chunks. A chunk goes when full, or flush_interval after its first line was seen.
+        """Read, encode, cut chunks. A chunk leaves when it is full, or when its first line has waited the latency
+        budget (flush_interval); a line written after a quiet spell leaves at once.
 
-        Caught up with the writer, the loop does not read each line as it is appended (each read_batch costs
-        thread hops: most of a core at 1,000 lines/s, bench/README.md). Woken by a write, it lets the writer go
-        on for flush_interval and takes what was written in one read and one chunk.
+        What a chunk costs (a gzip member, a TLS record, an ack, a read, wakeups) is paid per chunk, not per line:
+        at steady rates it was most of the sidecar's CPU (issue 11: 22 % of a core at 100 events/s with a chunk
+        every 5 ms). So, caught up with the writer, the loop sleeps until a write, lets the writer go on for the
+        budget, and takes what was written in one read and one chunk: at most about 1/flush_interval chunks a
+        second whatever the rate, and no line waits longer than the budget. When the last lines were read longer
+        than the budget ago, waiting would save nothing (the chunk would hold this one write): the line goes now.
         """
         settings = self.settings
-        flush = settings.flush_interval
+        budget = settings.flush_interval
         parse = self.parser.parse
         pack = self.packer.pack_entry
         encode = self.encoder.encode
         max_bytes = settings.chunk_max_bytes
         max_records = settings.chunk_max_records
-        woke: float | None = None  # when the write that ended the last idle wait was seen
+        due: float | None = None  # when the lines of the next read must leave (set by a wait for the writer)
         while True:
             batch = await tailer.read_batch(max(max_bytes - building.size, 1))
             if batch is None:  # caught up
-                if building.entries:
-                    wait = building.started + flush - time.monotonic()
-                    if wait > 0:  # the lines written until the chunk is due are read in one go then
-                        await asyncio.sleep(wait)
-                        continue
-                    await self._submit(building)
-                woke = await self._idle(tailer)
+                due = await self._settle(tailer, building)
                 continue
+            self._last_data = time.monotonic()
             if not building.entries:
-                building.started = time.monotonic() if woke is None else woke
-            woke = None
+                building.due = due if due is not None else self._last_data + budget
+                building.batched = not self._quiet and budget > 0
+            due = None
+            self._quiet = False
             now = EventTime.now()
             lines = batch.lines
             truncated = dict(batch.truncated) if batch.truncated else {}
@@ -416,28 +379,48 @@ class Pipeline:
                     used = sum(truncated.get(i, len(lines[i])) + 1 for i in range(first, last))
                     offset += used
                     building.size += used
-                    building.end = Position(file=batch.end.file, offset=offset, path=batch.end.path)
+                    building.end = Position(
+                        file=batch.end.file, offset=offset, path=batch.end.path, size=batch.end.size
+                    )
                     await self._submit(building)
-                    building.started = time.monotonic()
+                    building.due = time.monotonic() + budget
                 first = last
             self._count(len(lines), batch.size)
             if building.size >= max_bytes or len(building.entries) >= max_records:
                 await self._submit(building)
-            elif batch.caught_up:  # as a read_batch returning None would say, without its thread round trips
-                wait = building.started + flush - time.monotonic()
-                if wait > 0:
-                    await asyncio.sleep(wait)
-                else:
-                    await self._submit(building)
-                    woke = await self._idle(tailer)
+            elif batch.caught_up:  # as a read_batch returning None would say, without reading again
+                due = await self._settle(tailer, building)
 
-    async def _idle(self, tailer: Tailer) -> float:
-        """Wait for the writer; then give it flush_interval to write more. Returns when the write was seen."""
+    async def _settle(self, tailer: Tailer, building: _Building) -> float | None:
+        """Caught up: sleep until the chunk being built is due (then read once more and return None); or send it and
+        wait for the writer. Returns when the lines of the next read are due."""
+        budget = self.settings.flush_interval
+        if building.entries:
+            wait = building.due - time.monotonic()
+            if wait > 0:  # the lines written until the chunk is due are read in one go then
+                await asyncio.sleep(wait)
+                return None
+            batched = building.batched
+            await self._submit(building)
+            if batched:
+                # The writer is writing steadily (this chunk waited the budget for its lines): look again one budget
+                # later rather than wait for inotify. What was written meanwhile has waited at most the budget then
+                # and leaves at once; one timer wakeup a chunk instead of an inotify wakeup, its events and a timer (in
+                # this VM each wakeup costs ~0.2 ms of CPU, most of a chunk's cost: issue 11). If nothing was written,
+                # the next read_batch says so and the loop waits for the writer. The chunk's ack is read then too.
+                self.client.hold_acks(asyncio.get_running_loop().time() + budget)
+                await asyncio.sleep(budget)
+                # One loop iteration for the socket, watched again now, to hand over the acks before the next hold
+                # (holding again in this step would cancel the read the loop has just been told about).
+                await asyncio.sleep(0)
+                return time.monotonic()
         await tailer.wait(None)
         woke = time.monotonic()
-        if self.settings.flush_interval > 0:
-            await asyncio.sleep(self.settings.flush_interval)
-        return woke
+        if woke - self._last_data >= budget:
+            self._quiet = True
+            return woke  # a write after a quiet spell: nothing to batch it with, ship it at once
+        await asyncio.sleep(budget)  # the writer goes on meanwhile: one read, one chunk for all of it
+        return woke + budget
 
     def _delta(self, name: str, current: int) -> int:
         """How much a plain stats counter grew since it was last reported to Prometheus."""
@@ -464,41 +447,49 @@ class Pipeline:
         if grown > 0:
             self.metrics.truncated_lines.inc(grown)
 
-    # --- periodic state: backlog, certificate expiry -------------------------------------------------------
-    async def _observe(self) -> None:
-        while True:
-            backlog = self.budget.used
-            position = self._tailer.position if self._tailer is not None else None
-            if position is not None:
-                with contextlib.suppress(OSError):
-                    backlog += max(0, os.stat(position.path).st_size - position.offset)
-                    if Path(position.path) != self.settings.log_path:
-                        backlog += os.stat(self.settings.log_path).st_size
-            if self.health is not None:
-                self.health.backlog_bytes = backlog
-            if self.metrics is not None:
-                self.metrics.backlog_bytes.set(backlog)
-                behind = 0.0
-                if backlog > self.budget.used and self._last_ack:
-                    behind = max(0.0, time.time() - self._last_ack)
-                self.metrics.backlog_seconds.set(behind if backlog else 0.0)
-                for name, material in (("receiver", self.tls), ("proxy", self.proxy.tls if self.proxy else None)):
-                    if material is not None and material.generation:
-                        expiry = material.seconds_to_expiry()
-                        if expiry is not None:
-                            self.metrics.certificate_expiry_seconds.labels(cert=name).set(expiry)
-                for result, current in (("ok", self.checkpoint.writes), ("error", self.checkpoint.failures)):
-                    grown = self._delta(f"checkpoint_{result}", current)
-                    if grown > 0:
-                        self.metrics.checkpoint_writes.labels(result=result).inc(grown)
-                for name, current in (
-                    ("rotations", self.tailer_stats.rotations),
-                    ("truncation_lost_bytes", self.tailer_stats.truncation_bytes_lost),
-                ):
-                    grown = self._delta(name, current)
-                    if grown > 0:
-                        getattr(self.metrics, name).inc(grown)
-            await asyncio.sleep(1.0)
+    # --- state computed when looked at: backlog, certificate expiry ---------------------------------------------
+    async def _refresh_metrics(self) -> None:
+        """Bring the gauges and the counters kept in plain stats up to date. Run on the loop when /metrics or /readyz
+        is asked (metrics.HealthState.refresh), not on a timer: an idle sidecar does no periodic work (issue 11)."""
+        backlog = self.budget.used
+        files = log_files = 0
+        if self._tailer is not None:
+            # Every unread backup counts (issue 12); this look also finds the backups deleted unread. In a thread: it
+            # lists the directory when that changed since the tailer's last listing.
+            with contextlib.suppress(OSError):
+                unread, files, log_files = await asyncio.to_thread(self._tailer.backlog)
+                backlog += unread
+        if self.health is not None:
+            self.health.backlog_bytes = backlog
+        if self.metrics is None:
+            return
+        self.metrics.backlog_bytes.set(backlog)
+        behind = 0.0
+        if backlog > self.budget.used and self._last_ack:
+            behind = max(0.0, time.time() - self._last_ack)
+        self.metrics.backlog_seconds.set(behind if backlog else 0.0)
+        for name, material in (("receiver", self.tls), ("proxy", self.proxy.tls if self.proxy else None)):
+            if material is not None and material.generation:
+                expiry = material.seconds_to_expiry()
+                if expiry is not None:
+                    self.metrics.certificate_expiry_seconds.labels(cert=name).set(expiry)
+        for result, current in (("ok", self.checkpoint.writes), ("error", self.checkpoint.failures)):
+            grown = self._delta(f"checkpoint_{result}", current)
+            if grown > 0:
+                self.metrics.checkpoint_writes.labels(result=result).inc(grown)
+        self.metrics.backlog_files.set(files)
+        self.metrics.log_files.set(log_files)
+        for name, current in (
+            ("rotations", self.tailer_stats.rotations),
+            ("truncation_lost_bytes", self.tailer_stats.truncation_bytes_lost),
+            ("lost_files", self.tailer_stats.lost_files),
+            ("lost_bytes", self.tailer_stats.lost_bytes),
+            ("checkpoint_misses", self.tailer_stats.checkpoint_misses),
+            ("unreadable_files", self.tailer_stats.unreadable_files),
+        ):
+            grown = self._delta(name, current)
+            if grown > 0:
+                getattr(self.metrics, name).inc(grown)
 
     # --- run -----------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, start: Position | None) -> int:
@@ -527,31 +518,44 @@ class Pipeline:
             settings.compress,
             f" from {start.path} at offset {start.offset}" if start else f" from the {settings.start_at}",
         )
-        self.client.start()
-        background = [asyncio.create_task(self._observe(), name="observe")]
+        # Supervised (docs/architecture.md has the table): a failure is logged with its traceback, then the task
+        # is restarted with backoff (discovery) or `run` ends with exit code 1 (the others).
+        supervisor = self.supervisor
+        supervisor.watch("client", self.client.start())
+        if self.health is not None:
+            self.health.refresh = self._refresh_metrics
         if self.discovery is not None:
-            background.append(asyncio.create_task(self.discovery.run(), name="discovery"))
+            supervisor.spawn("discovery", self.discovery.run, Policy.RESTART)
         building = _Building(entries=[])
         self._outbox = asyncio.Queue()
-        background.append(asyncio.create_task(self._send_loop(), name="chunk-sender"))
-        reader = asyncio.create_task(self._read_loop(tailer, building), name="read-loop")
+        supervisor.spawn("sender", self._send_loop, Policy.EXIT)
+        reader = supervisor.spawn("tailer", lambda: self._read_loop(tailer, building), Policy.EXIT)
         stopper = asyncio.create_task(stop.wait())
         try:
-            done, _ = await asyncio.wait({reader, stopper, background[-1]}, return_when=asyncio.FIRST_COMPLETED)
-            if reader in done:
-                reader.result()  # re-raise a crash of the read loop
-            if background[-1] in done:
-                background[-1].result()  # ... or of the sender (a chunk that could not be built)
+            waiting: list[asyncio.Future[Any]] = [reader, stopper, supervisor.failed]
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if supervisor.failed.done():
+                return await self._abort()
             return await self._shutdown(reader, building)
         finally:
             stopper.cancel()
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            await self.client.close()
+            await supervisor.close()
+            with contextlib.suppress(Exception):  # a client that failed was logged already (supervisor)
+                await self.client.close()
             await tailer.close()
             if self._compressor is not None:
                 self._compressor.shutdown(wait=False, cancel_futures=True)
+
+    def _task_restarted(self, task: str) -> None:
+        if self.metrics is not None:
+            self.metrics.task_restarts.labels(task=task).inc()
+
+    async def _abort(self) -> int:
+        """A task that must not fail failed (logged by the supervisor): stop now, without reading or sending more;
+        the checkpoint keeps what was acked (a write in progress is finished, bounded), the rest is read again."""
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.checkpoint.close(), self.settings.shutdown_timeout)
+        return 1
 
     async def _shutdown(self, reader: asyncio.Task[None], building: _Building) -> int:
         """SIGTERM: stop reading, send what was read, wait (bounded) for acks, write the checkpoint."""

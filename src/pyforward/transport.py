@@ -22,6 +22,7 @@ import os
 import re
 import socket
 import ssl
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -525,7 +526,19 @@ class _Opener:
             # With TLS the receiver may send its first records in the same flight as the handshake end.
             reader.feed_data(bytes(self.protocol.buffer))
             self.protocol.buffer.clear()
-        return reader, asyncio.StreamWriter(transport, protocol, reader, self.loop)
+        writer = asyncio.StreamWriter(transport, protocol, reader, self.loop)
+        _SOCKET_TRANSPORTS[writer] = self.transports[0]
+        return reader, writer
+
+
+#: The transport on the socket itself, under any TLS layers (pausing a TLS transport's reading stops only the delivery
+#: to its protocol; the socket would still wake the loop).
+_SOCKET_TRANSPORTS: weakref.WeakKeyDictionary[asyncio.StreamWriter, asyncio.Transport] = weakref.WeakKeyDictionary()
+
+
+def socket_transport(writer: asyncio.StreamWriter) -> asyncio.Transport | None:
+    """The socket's own transport under `writer` (opened by :func:`open_stream`), or None."""
+    return _SOCKET_TRANSPORTS.get(writer)
 
 
 def _client_cert_hint(material: TLSMaterial, *, accepted: bool = False) -> str:

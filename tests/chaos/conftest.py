@@ -17,19 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Harness, harness_at
-
 REPORT_ENV = "PYFORWARD_CHAOS_REPORT"
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    """Real `pyforward receive` / `pyforward run` processes under tmp_path, all stopped in teardown."""
-    with harness_at(tmp_path) as h:
-        try:
-            yield h
-        finally:
-            print(h.describe())
 
 
 @pytest.hookimpl(wrapper=True)

@@ -8,19 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import CertFiles, write_certs
-from tests.harness import Harness, harness_at
 from tests.proxies import Proxies, proxies_at
-
-
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Harness]:
-    """Real `pyforward receive` / `pyforward run` processes under tmp_path, all stopped in teardown."""
-    with harness_at(tmp_path) as h:
-        try:
-            yield h
-        finally:
-            # Captured: pytest shows it for a failing test only.
-            print(h.describe())
 
 
 @pytest.fixture

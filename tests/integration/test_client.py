@@ -32,6 +32,7 @@ from pyforward.protocol import (
     make_pong,
     verify_ping,
 )
+from pyforward.transport import Destination, open_stream
 from tests.conftest import CertFiles
 
 Handler = Callable[["Conn"], Awaitable[None]]
@@ -447,3 +448,29 @@ async def test_a_connection_reset_by_the_receiver_is_freed_at_once(tls: bool, ce
     finally:
         if enabled:
             gc.enable()
+
+
+async def test_held_acks_are_read_when_the_hold_ends() -> None:
+    """hold_acks (steady rates: no wakeup per ack) pauses the socket itself, under any TLS layer: the ack of a chunk
+    written during the hold is read when the hold ends, not before, and the connection goes on."""
+    async with scripted(acking) as server:
+        acked: list[int] = []
+        destination = Destination(host="127.0.0.1", port=server.port)
+        client = ForwardClient(lambda: open_stream(destination), fast_config(), on_ack=collect(acked))
+        client.start()
+        first, second, third = make_chunks(3)
+        try:
+            client.submit(first)
+            assert await client.drain(5)  # connected; the next submit writes at once
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 0.3
+            client.submit(second)
+            client.hold_acks(until)  # in the same step as the write: the ack cannot have been read yet
+            assert await client.drain(5)
+            assert loop.time() >= until, "the ack was read during the hold"
+            client.submit(third)  # and the socket is watched again
+            assert await client.drain(5)
+        finally:
+            await client.close()
+    assert acked == [0, 1, 2]
+    assert client.stats.connects == 1

@@ -309,3 +309,72 @@ def test_write_after_close_fails_clearly(tmp_path: Path) -> None:
     log.close()
     with pytest.raises(ValueError, match="closed"):
         log.write(b"x\n")
+
+
+# --- lumberjack's mill (mill=True): asynchronous retention and compression, as kube-apiserver's writer does it ----
+
+
+def test_mill_removes_beyond_max_backups_then_gzips_gz_first_then_plain_removed(tmp_path: Path) -> None:
+    import inotify_simple
+
+    flags = inotify_simple.flags
+    clock = FixedClock(datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC))
+    data = list(lines(60))
+    inotify = inotify_simple.INotify()
+    try:
+        inotify.add_watch(tmp_path, flags.CREATE | flags.CLOSE_WRITE | flags.DELETE | flags.MOVED_TO)
+        with RotatingAuditLog(
+            tmp_path / "audit.log", max_bytes=1000, max_backups=2, compress=True, clock=clock, mill=True
+        ) as log:
+            for line in data:
+                log.write(line)
+                if log.size == len(line):  # this write rotated: the mill's pass ends before the next rotation
+                    assert log.settle(10)
+            assert log.settle(10)
+            assert log.mill_errors == []
+        events: list[tuple[str, str]] = []
+        for event in inotify.read(timeout=0):
+            kind = next(k for k in ("CREATE", "CLOSE_WRITE", "DELETE", "MOVED_TO") if flags[k] & event.mask)
+            events.append((kind, event.name))
+    finally:
+        inotify.close()
+    files = read_all(tmp_path)
+    assert [name for name, _ in files] == [
+        "audit-2026-11-26T12-00-00.003.log.gz",
+        "audit-2026-11-26T12-00-00.004.log.gz",
+        "audit.log",
+    ]
+    assert b"".join(content for _, content in files) == b"".join(data[30:])
+    for stamp in ("000", "001", "002", "003", "004"):
+        plain = f"audit-2026-11-26T12-00-00.{stamp}.log"
+        gz = plain + ".gz"
+        # The .gz is complete (closed) before the plain file goes: a reader never finds neither.
+        assert events.index(("CLOSE_WRITE", gz)) < events.index(("DELETE", plain))
+        assert events.index(("MOVED_TO", plain)) < events.index(("CREATE", gz))
+    # Retention first, then compression: the third-newest backup (a .gz by then) is removed by the pass that
+    # follows the next rotation, before that pass gzips the new backup.
+    assert events.index(("DELETE", "audit-2026-11-26T12-00-00.000.log.gz")) < events.index(
+        ("CREATE", "audit-2026-11-26T12-00-00.002.log.gz")
+    )
+
+
+def test_mill_counts_a_log_and_its_gz_once_and_keeps_the_mode(tmp_path: Path) -> None:
+    clock = FixedClock(datetime(2026, 11, 26, 12, 0, 0, tzinfo=UTC))
+    # A pass interrupted earlier left both names of one backup (lumberjack: the .gz is truncated and written again).
+    (tmp_path / "audit-2026-11-26T11-00-00.000.log").write_bytes(b"old\n")
+    (tmp_path / "audit-2026-11-26T11-00-00.000.log.gz").write_bytes(b"partial")
+    path = tmp_path / "audit.log"
+    path.write_bytes(b"")
+    path.chmod(0o640)
+    with RotatingAuditLog(path, max_bytes=10, max_backups=2, compress=True, clock=clock, mill=True) as log:
+        log.write(b"aaaaaaa\n")
+        log.write(b"bbbbbbb\n")  # rotates
+        assert log.settle(10)
+        assert path.stat().st_mode & 0o777 == 0o640  # the new file has the old one's mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "audit-2026-11-26T11-00-00.000.log.gz",
+        "audit-2026-11-26T12-00-00.000.log.gz",
+        "audit.log",
+    ]
+    assert gzip.decompress((tmp_path / "audit-2026-11-26T11-00-00.000.log.gz").read_bytes()) == b"old\n"
+    assert gzip.decompress((tmp_path / "audit-2026-11-26T12-00-00.000.log.gz").read_bytes()) == b"aaaaaaa\n"

@@ -50,7 +50,7 @@ def test_identity_matches_its_head_and_longer_heads_only() -> None:
     assert full.matches_head(head)
     assert full.matches_head(head[:FINGERPRINT_BYTES])
     assert not full.matches_head(head[: FINGERPRINT_BYTES - 1])  # shorter than the fingerprint
-    assert not full.matches_head(b"X" + head[1:])
+    assert not full.matches_head(bytes([head[0] ^ 0xFF]) + head[1:])  # (b"X" + ... matched 1 time in 256)
     short = FileIdentity.of(1, 2, head[:10])
     assert short.fp_len == 10
     assert short.matches_head(head)  # the file grew since: still the same file
@@ -285,3 +285,24 @@ async def test_writer_close_makes_a_last_attempt(tmp_path: Path) -> None:
     directory.mkdir()
     await writer.close()  # the retry is an hour away; close tries once more
     assert load_checkpoint(path) == pos(1)
+
+
+async def test_writer_waits_the_interval_unless_urgent(tmp_path: Path) -> None:
+    """At most one write per interval (issue 11: a save per chunk was a large share of the CPU at steady rates);
+    an urgent update (the in-flight budget runs short), flush and close write at once."""
+    path = tmp_path / "checkpoint"
+    writer = CheckpointWriter(path, interval=3600)
+    writer.update(pos(1))  # no write before: at once
+    await until(lambda: writer.writes == 1)
+    writer.update(pos(2))  # within the interval: waits (an hour here)
+    assert writer.waiting
+    writer.update(pos(3), urgent=True)
+    await until(lambda: writer.writes == 2)
+    assert load_checkpoint(path) == pos(3)  # the newest position, once
+    writer.update(pos(4))
+    await writer.flush()
+    assert writer.writes == 3
+    assert load_checkpoint(path) == pos(4)
+    writer.update(pos(5))
+    await writer.close()
+    assert load_checkpoint(path) == pos(5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +20,6 @@ from pyforward.metrics import (
     HealthState,
     Metrics,
     Server,
-    heartbeat,
     parse_bind,
     start_server,
 )
@@ -75,6 +75,10 @@ COUNTERS = (
     "truncation_lost_bytes",
     "destination_changes",
     "rotations",
+    "lost_files",
+    "lost_bytes",
+    "checkpoint_misses",
+    "unreadable_files",
 )
 
 
@@ -118,6 +122,13 @@ def test_known_labels_start_at_zero_and_expiry_stays_unset(metrics: Metrics, ser
         assert values[("pyforward_parse_errors_total", (("kind", kind),))] == 0
     for result in ("ok", "error"):
         assert values[("pyforward_checkpoint_writes_total", (("result", result),))] == 0
+    # The loss counters and the restart counter of each restartable task: the monitoring's alerts use these names.
+    for name in ("lost_files", "lost_bytes", "checkpoint_misses", "unreadable_files"):
+        assert values[(f"pyforward_{name}_total", ())] == 0, name
+    for task in ("discovery", "metrics"):
+        assert values[("pyforward_task_restarts_total", (("task", task),))] == 0, task
+    for gauge in ("backlog_bytes", "backlog_files", "log_files"):
+        assert (f"pyforward_{gauge}", ()) in values, gauge
     # A certificate expiry of 0 would read as "expired": no sample until a certificate is loaded.
     assert not [key for key in values if key[0] == "pyforward_certificate_expiry_seconds"]
 
@@ -172,28 +183,52 @@ def test_healthz_honours_the_stall_limit(metrics: Metrics, health: HealthState) 
         srv.close()
 
 
-async def test_healthz_sees_a_blocked_loop_and_the_heartbeat_task_recovers_it(
-    health: HealthState, server: Server
-) -> None:
-    task = asyncio.create_task(heartbeat(health))
+async def test_healthz_asks_the_loop_and_sees_it_blocked(metrics: Metrics, health: HealthState) -> None:
+    # Nothing refreshes a heartbeat periodically (an idle sidecar does no periodic work): /healthz schedules a callback
+    # on the loop and says "stalled" once that callback has waited longer than the limit.
+    health.loop = asyncio.get_running_loop()
+    health.loop_heartbeat = time.monotonic() - 3600.0  # long idle: must not count as stalled while the loop answers
+    srv = start_server("127.0.0.1:0", metrics, health, loop_stall_seconds=0.5)
     try:
-        # The loop is blocked for as long as this synchronous code runs: the heartbeat task cannot refresh the
-        # value, and the HTTP thread must still answer.
-        health.loop_heartbeat = time.monotonic() - 10.0
-        status, text, _ = get(f"{server.url}/healthz")
+        assert (await asyncio.to_thread(get, f"{srv.url}/healthz"))[:2] == (200, "ok\n")
+        # Blocked from here on, for as long as this synchronous code runs: the question goes unanswered.
+        status, _, _ = get(f"{srv.url}/healthz")
+        assert status == 200  # asked 0.25 s ago: within the limit
+        threading.Event().wait(0.5)  # blocking the loop is the point of this test, not synchronisation
+        status, text, _ = get(f"{srv.url}/healthz")
         assert status == 503
         assert "stalled" in text
-        # Let the loop run: the heartbeat task refreshes the value.
-        deadline = time.monotonic() + 5.0
-        while time.monotonic() - health.loop_heartbeat > 1.0:
-            assert time.monotonic() < deadline, "heartbeat task did not refresh loop_heartbeat"
-            await asyncio.sleep(0.01)
-        status, _, _ = await asyncio.to_thread(get, f"{server.url}/healthz")
+        stale = float(text.split("no heartbeat for ")[1].split(" s")[0])
+        assert 0.5 < stale < 5.0
+        # Let the loop run: it answers the pending question, and /healthz is ok again.
+        status, _, _ = await asyncio.to_thread(get, f"{srv.url}/healthz")
         assert status == 200
     finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
+        srv.close()
+
+
+async def test_metrics_and_readyz_refresh_on_the_loop(metrics: Metrics, health: HealthState) -> None:
+    refreshed = 0
+
+    async def refresh() -> None:
+        nonlocal refreshed
+        refreshed += 1
+        health.backlog_bytes = 5000  # above ready_max_backlog_bytes (1000): not ready while disconnected
+        metrics.backlog_bytes.set(5000)
+
+    health.loop = asyncio.get_running_loop()
+    health.refresh = refresh
+    srv = start_server("127.0.0.1:0", metrics, health)
+    try:
+        status, text, _ = await asyncio.to_thread(get, f"{srv.url}/metrics")
+        assert status == 200
+        assert samples(text)[("pyforward_backlog_bytes", ())] == 5000
+        status, text, _ = await asyncio.to_thread(get, f"{srv.url}/readyz")
+        assert status == 503
+        assert "5000" in text
+        assert refreshed == 2
+    finally:
+        srv.close()
 
 
 @pytest.mark.parametrize(
@@ -278,3 +313,34 @@ def test_parse_bind(bind: str, expected: tuple[str, int]) -> None:
 def test_parse_bind_rejects(bind: str) -> None:
     with pytest.raises(ValueError, match="PYFORWARD_METRICS_BIND"):
         parse_bind(bind)
+
+
+def test_the_server_thread_is_restarted_after_a_failure_and_counted(
+    metrics: Metrics, health: HealthState, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A daemon thread that dies is silent (issue 12): its serving loop failing is logged and restarted."""
+    import pyforward.metrics as module
+
+    real = module._ThreadingWSGIServer.handle_request
+    failures = [1]
+
+    def handle_request(self: module._ThreadingWSGIServer) -> None:
+        if failures:
+            failures.pop()
+            raise OSError("injected: accept failed")
+        real(self)
+
+    monkeypatch.setattr(module._ThreadingWSGIServer, "handle_request", handle_request)
+    monkeypatch.setattr(module, "RESTART_INITIAL", 0.01)
+    with caplog.at_level("ERROR", "pyforward.metrics"):
+        srv = start_server("127.0.0.1:0", metrics, health)
+        try:
+            # The first request makes the loop fail; it is still in the socket's backlog, served after the restart.
+            status, text, _ = get(f"{srv.url}/metrics")
+        finally:
+            srv.close()
+    assert status == 200
+    assert samples(text)[("pyforward_task_restarts_total", (("task", "metrics"),))] == 1
+    [record] = caplog.records
+    assert record.getMessage().startswith("task metrics failed: injected: accept failed; restarting it in")
+    assert record.exc_info is not None

@@ -18,9 +18,13 @@ deleted), create a new `audit.log`, delete backups beyond a count. Hence:
   backup by the fingerprint of its decompressed head alone. Offsets in a `.gz` are into the decompressed
   data, so a checkpoint taken in `audit-X.log` stays valid once that becomes `audit-X.log.gz`.
 
+* A backup deleted (by lumberjack's retention) before it was read is a loss: logged once at ERROR with its size
+  and counted (issue 12); so is a checkpointed file gone at start, but only once a look that lumberjack's
+  concurrent renames, gzips and deletes cannot fool says so.
+
 Split by concern, as fluent-bit's in_tail is: `scan` (lumberjack names, listing rotated siblings), `file`
 (one open file, its identity, reading plain and gzip), `lines` (buffers into lines), `watch` (inotify and
-polling), `tailer` (the Tailer that composes them).
+polling), `ledger` (which backups exist, which were lost), `tailer` (the Tailer that composes them).
 """
 
 from pyforward.tail.tailer import LineBatch, Tailer, TailerStats

@@ -133,22 +133,24 @@ class ReadResult:
     error: str | None = None  # a .gz that cannot be decompressed further
 
 
-def read_plain(fd: int, offset: int, n: int, head: bytes | None) -> ReadResult:
-    """Read up to n bytes at offset. With `head` (a file still written to), first and last make sure the
-    file was not truncated or rewritten: its size must not be below offset and it must still start with the
-    bytes we read from it earlier (copy-truncate may refill past our offset before we look: #9580, #4839)."""
-
-    def changed(size: int) -> bool:
-        return size < offset or (bool(head) and os.pread(fd, len(head or b""), 0) != head)
-
-    size = os.fstat(fd).st_size
-    if head is not None and changed(size):
-        return ReadResult(b"", truncated=True, size=size)
-    # At most what the file holds: os.pread allocates all `n` bytes before it shrinks the result to what was
-    # read, and a caught-up tailer reads a few KiB at a time. A 1 MiB allocation shrunk in place left a hole in
-    # glibc's heap at every read, and RSS grew over hours (issue 11 item 5, bench/README.md "soak").
-    data = os.pread(fd, min(n, size - offset), offset) if size > offset else b""
-    if head is not None and data and changed(os.fstat(fd).st_size):
+def read_plain(fd: int, offset: int, n: int, head: bytes | None, size: int | None = None) -> ReadResult:
+    """Read up to n bytes at offset (`size`: the file's size if the caller has just taken it). With `head` (a file
+    still written to), make sure the file was not truncated or rewritten: its size must not be below offset, and after
+    a read it must still start with the bytes we read from it earlier (copy-truncate may refill past our offset before
+    we look: #9580, #4839). One look after the read is enough for both (a rewrite that comes later is seen by the next
+    read); three syscalls a read, which matters at steady rates (issue 11)."""
+    if size is None:
+        size = os.fstat(fd).st_size
+    if size < offset:
+        if head is not None:
+            return ReadResult(b"", truncated=True, size=size)
+        data = b""
+    else:
+        # At most what the file holds: os.pread allocates all `n` bytes before it shrinks the result to what was
+        # read, and a caught-up tailer reads a few KiB at a time. A 1 MiB allocation shrunk in place left a hole in
+        # glibc's heap at every read, and RSS grew over hours (issue 11 item 5, bench/README.md "soak").
+        data = os.pread(fd, min(n, size - offset), offset) if size > offset else b""
+    if head and data and os.pread(fd, len(head), 0) != head:
         return ReadResult(b"", truncated=True, size=size)
     return ReadResult(data, size=max(size, offset + len(data)))
 

@@ -7,7 +7,16 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Sibling", "go_ext", "list_siblings", "sibling_pattern", "specs"]
+__all__ = [
+    "DirectoryState",
+    "Sibling",
+    "directory_state",
+    "go_ext",
+    "list_siblings",
+    "sibling_pattern",
+    "specs",
+    "twin",
+]
 
 #: lumberjack's backup time format "2006-01-02T15-04-05.000" (UTC unless LocalTime is set).
 #: Fixed width, so the lexicographic order of the names is their chronological order.
@@ -41,6 +50,44 @@ def specs(path: Path) -> list[tuple[Path, re.Pattern[str]]]:
     elif real.name != path.name:
         specs.append((path.parent, sibling_pattern(real.name)))
     return specs
+
+
+def twin(path: Path) -> Path:
+    """The other name of a backup: `audit-X.log` <-> `audit-X.log.gz` (lumberjack writes the .gz, then deletes the
+    plain file: a backup gone under one name may be there under the other)."""
+    name = path.name
+    return path.with_name(name[:-3]) if name.endswith(".gz") else path.with_name(name + ".gz")
+
+
+@dataclass(frozen=True, slots=True)
+class DirectoryState:
+    """What a listing depends on: (dev, ino, mtime, ctime) of each directory backups live in. Creating, renaming or
+    deleting a name changes the directory's mtime, so an unchanged state means an unchanged listing, except for a
+    change within the file system's timestamp granularity after the listing began (see `racy`)."""
+
+    key: tuple[object, ...]
+    newest_mtime_ns: int
+
+    def racy(self, listed_at_ns: int) -> bool:
+        """A listing begun at `listed_at_ns` (time.time_ns()) may have missed a change that left the mtime as it was
+        (coarse kernel timestamps: up to a jiffy, 4-10 ms; 100 ms leaves room for NFS/overlay): "racy git"."""
+        return self.newest_mtime_ns >= listed_at_ns - 100_000_000
+
+
+def directory_state(path: Path) -> DirectoryState:
+    """Blocking: one stat per directory in specs(path)."""
+    parts: list[object] = []
+    newest = 0
+    for directory, _ in specs(path):
+        try:
+            st = os.stat(directory)
+        except OSError as e:
+            parts.append(e.errno)
+            continue
+        parts.append((st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+        newest = max(newest, st.st_mtime_ns)
+    return DirectoryState(tuple(parts), newest)
+
 
 def list_siblings(path: Path) -> list[Sibling]:
     """Rotated backups, oldest first; a plain file wins over a .gz of the same time (lumberjack removes

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from pyforward.checkpoint import FileIdentity, Position
+from pyforward.tail import scan
 from pyforward.tail.file import (
     CorruptGzip,
     ReadResult,
@@ -26,9 +28,10 @@ from pyforward.tail.file import (
     seek,
     tail_offset,
 )
+from pyforward.tail.ledger import Ledger, View, gz_starts_with
 from pyforward.tail.lines import LineAssembler
-from pyforward.tail.scan import Sibling, list_siblings
-from pyforward.tail.watch import Watcher
+from pyforward.tail.scan import DirectoryState, Sibling
+from pyforward.tail.watch import DirectoryEvents, Watcher
 
 __all__ = ["LineBatch", "Tailer", "TailerStats"]
 
@@ -39,8 +42,16 @@ _T = TypeVar("_T")
 #: Rate limit for repeating an unchanged problem in the log (permission denied, directory missing, ...).
 _PROBLEM_REPEAT = 300.0
 
+#: Reads of at most this many bytes (a plain file caught up with its writer) are done on the event loop.
+_INLINE_READ_BYTES = 256 << 10
+
 #: The finished files remembered to never read one twice (a backup that reappears as `.gz`, ...).
 _HISTORY = 64
+
+#: Listings at start-up while the backups change under the look-up (issue 12: a rotation, or a gzip then delete, while
+#: the candidates are opened made the checkpointed file look gone). Each round opens only names not seen before, so
+#: a round is short; lumberjack would have to rotate this many times during the look-up to exhaust them.
+_START_ROUNDS = 50
 
 
 @dataclass(slots=True)
@@ -67,6 +78,8 @@ class TailerStats:
     compressed_files_read: int = 0  # .gz backups read (decompressed)
     unreadable_files: int = 0  # backups skipped because they could not be decompressed
     checkpoint_misses: int = 0  # the checkpointed file was gone at start (lines lost, logged)
+    lost_files: int = 0  # files gone before they were read to their end (checkpoint misses included), each logged
+    lost_bytes: int = 0  # their bytes not read, at the size last seen (compressed for a .gz): a lower bound
     errors: int = 0  # I/O errors (permission denied, EIO, ...), each retried
 
 
@@ -158,6 +171,16 @@ class Tailer:
         self._closed = False
         self._problems = _Problems()
         self._unfinished: _Batch | None = None  # lines cut by a read_batch that was cancelled
+        # Guards what backlog() and the loss ledger read from other threads (metrics): the file being read, the
+        # watermark, the backups being opened. Taken for a few microseconds per file, never per line.
+        self._lock = threading.RLock()
+        self._opening: set[str] = set()
+        self._ledger = Ledger(self._lost)
+        self._listed: tuple[DirectoryState, int] | None = None  # directory state and time of the last listing
+        self._use_inotify = use_inotify
+        self._dir_events = DirectoryEvents(self._path, self._dir_changed)
+        self._look: asyncio.Task[None] | None = None
+        self._look_again = False
         self._watcher = Watcher(
             self._path, poll_interval=poll_interval, use_inotify=use_inotify, current=lambda: self._cur
         )
@@ -223,10 +246,53 @@ class Tailer:
         if self._closed:
             return
         self._closed = True
-        if self._cur is not None:
-            self._close_source(self._cur)
-            self._cur = None
+        with self._lock:
+            if self._cur is not None:
+                self._close_source(self._cur)
+                self._cur = None
         self._watcher.close()
+        self._dir_events.close()
+        if self._look is not None:
+            self._look.cancel()
+
+    def backlog(self) -> tuple[int, int, int]:
+        """(bytes, files, log files): what is not read yet, and what there is. Blocking (run it in a thread); may be
+        called from any thread while the tailer runs.
+
+        bytes: the rest of the file being read (compressed bytes for a .gz), every unread backup at its size on disk
+        (compressed for a .gz: less than it holds), and the live log when it is not the file being read. files: those
+        files, the one being read included. log files: the live log and the backups present. The directory is listed
+        only if it changed since the last listing (else one stat per directory); a listing also finds the backups
+        deleted before they were read (logged and counted: issue 12).
+        """
+        if self._closed:
+            return 0, 0, 0
+        state = scan.directory_state(self._path)
+        listed = self._listed
+        if listed is None or listed[0].key != state.key or state.racy(listed[1]):
+            self._list()
+        try:
+            live: os.stat_result | None = os.stat(self._path)
+        except OSError:
+            live = None
+        with self._lock:
+            view = self._view()
+            size, files = self._ledger.backlog(view)
+            log_files = len(self._ledger.known)
+            cur = self._cur
+            if cur is not None and not cur.closed:
+                files += 1
+                with contextlib.suppress(OSError):
+                    on_disk = os.fstat(cur.fd).st_size
+                    # A .gz: what the decompressor has not consumed yet (its fd offset), in compressed bytes.
+                    done = self._line_off if cur.gz is None else os.lseek(cur.fd, 0, os.SEEK_CUR)
+                    size += max(0, on_disk - done)
+            if live is not None:
+                log_files += 1
+                if cur is None or not cur.same_inode(live):
+                    size += live.st_size
+                    files += 1
+        return size, files, log_files
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -236,7 +302,10 @@ class Tailer:
 
     def _position(self) -> Position:
         assert self._cur is not None
-        return Position(file=self._cur.identity(), offset=self._line_off, path=str(self._cur.path))
+        src = self._cur
+        return Position(
+            file=src.identity(), offset=self._line_off, path=str(src.path), size=src.size if src.gz is None else 0
+        )
 
     def _cut(self, batch: _Batch, budget: int) -> None:
         before = len(batch.lines)
@@ -248,6 +317,9 @@ class Tailer:
             self._buf, self._buf_pos = b"", 0
 
     async def _fill(self, batch: _Batch, max_bytes: int) -> None:
+        # The last read of a plain file reached the size its fstat gave: a second read would only find the end (the
+        # watcher was marked before, so a later write still wakes the next wait). Saves a read per caught-up batch.
+        at_end = False
         while True:
             src = self._cur
             if src is None:
@@ -263,7 +335,11 @@ class Tailer:
                 if self._buf or (batch.lines and self._line_off - batch.start >= max_bytes):
                     return  # batch full
                 continue
-            result = await self._read(src)
+            if at_end:
+                at_end = False
+                result = ReadResult(b"", size=src.size)
+            else:
+                result = await self._read(src)
             if result.truncated:
                 if batch.lines:  # return these first, under the identity they were read with
                     return
@@ -284,14 +360,22 @@ class Tailer:
                 src.read_off += len(result.data)
                 src.size = max(src.size, result.size)
                 self._buf, self._buf_pos = result.data, 0
+                at_end = src.gz is None and src.read_off >= result.size
                 continue
             elif not src.complete:  # at the end of the live file: is it still the live file?
-                moved, backup = await asyncio.to_thread(self._moved_away, src)
+                # One stat on the loop answers the common case (no rotation); a thread only for the listing.
+                if self._still_live(src):
+                    batch.caught_up = True
+                    return  # caught up
+                moved, backup, ts = await asyncio.to_thread(self._moved_away, src)
                 if not moved:
                     batch.caught_up = True
                     return  # caught up
                 src.complete = True
                 src.path = backup or src.path  # for messages and Position.path
+                if ts is not None:
+                    with self._lock:
+                        src.ts = ts  # its backup: done once read (watermark), and not unread for the ledger
                 self.stats.rotations += 1
                 log.info("%s was rotated: reading %s to its end before the next file", self._path, src.path)
                 continue  # drain: the writer closed it before renaming, so its end is final now
@@ -309,6 +393,18 @@ class Tailer:
         # A read cancelled with its caller still completes in its thread; for a .gz the bytes are gone from
         # the decompressor then, so the next call takes that result instead of reading again.
         fut = src.inflight
+        if fut is None and src.gz is None:
+            # Caught up with the writer, a read is what was written during one latency budget (~80 KiB at 1,000
+            # events/s), a moment ago (page cache): reading it on the loop costs tens of microseconds, a worker thread
+            # round trip ~0.1 ms of CPU and two wakeups, per read, which made most of the cost at steady rates (issue
+            # 11). A backlog is still read in a thread, 1 MiB at a time.
+            head = None if src.complete else bytes(src.head)
+            try:
+                size = os.fstat(src.fd).st_size
+            except OSError:
+                size = src.read_off + _INLINE_READ_BYTES + 1  # let the thread's read raise it as before
+            if size - src.read_off <= _INLINE_READ_BYTES:
+                return read_plain(src.fd, src.read_off, self._read_size, head, size)
         if fut is None:
             if src.gz is not None:
                 fut = asyncio.ensure_future(asyncio.to_thread(read_gz, src.gz, self._read_size))
@@ -326,26 +422,46 @@ class Tailer:
         src.inflight = None
         return result
 
-    def _moved_away(self, src: Source) -> tuple[bool, Path | None]:
-        """Does the log path no longer name `src`? And the backup name it has now, if any. Blocking."""
+    def _still_live(self, src: Source) -> bool:
+        """Does the log path still name `src`? (False: look closer, in _moved_away.)"""
+        try:
+            return src.same_inode(os.stat(self._path))
+        except OSError:
+            return False
+
+    def _moved_away(self, src: Source) -> tuple[bool, Path | None, str | None]:
+        """Does the log path no longer name `src`? And the backup it is now (name, timestamp), if found. Blocking."""
         try:
             if src.same_inode(os.stat(self._path)):
-                return False, None  # the common case: one stat
+                return False, None, None  # the common case: one stat
             missing = False
         except (FileNotFoundError, NotADirectoryError):
             missing = True
-        backup = None
-        for sibling in list_siblings(self._path):
-            if not sibling.gz:
-                with contextlib.suppress(OSError):
-                    if src.same_inode(os.stat(sibling.path)):
-                        backup = sibling.path
+        backup, ts = self._backup_of(src, self._list())
         if missing:
             # Between lumberjack's rename and create, or the directory is gone. Rotated only if our inode is
             # a backup now; otherwise keep it: the writer may still append (even to a deleted file, which we
             # can still read), and a recreated log will be a different file.
-            return backup is not None, backup
-        return True, backup
+            return backup is not None, backup, ts
+        return True, backup, ts
+
+    def _backup_of(self, src: Source, siblings: list[Sibling]) -> tuple[Path | None, str | None]:
+        """The backup `src` (opened as the live log) has become: by inode, or, gzipped meanwhile by lumberjack's
+        mill, by its decompressed head. Blocking (may open one .gz)."""
+        with self._lock:
+            for ts, seen in self._ledger.known.items():  # stat()ed by the listing just made
+                if not seen.gz and (seen.dev, seen.ino) == (src.dev, src.ino):
+                    return seen.path, ts
+            watermark = self._watermark
+        # The live file is read only once no unread backup is left, and lumberjack names backups by rotation time:
+        # so ours is the oldest backup newer than the watermark, if it was not deleted already.
+        for sibling in siblings:
+            if watermark is not None and sibling.ts <= watermark:
+                continue
+            if sibling.gz and gz_starts_with(sibling.path, src):
+                return sibling.path, sibling.ts
+            break
+        return None, None
 
     async def _truncated(self, src: Source, size: int) -> None:
         """The live file shrank below our offset or its first bytes changed."""
@@ -385,7 +501,7 @@ class Tailer:
         self._line_off = 0
 
     async def _find_copy(self, identity: FileIdentity) -> Source | None:
-        for sibling in await asyncio.to_thread(list_siblings, self._path):
+        for sibling in await asyncio.to_thread(self._list):
             if not self._newer(sibling.ts):
                 continue
             try:
@@ -401,23 +517,90 @@ class Tailer:
         """`src` was read to its end and will not grow: remember it, close it."""
         self._last_position = self._position()
         self._history.append(src.identity())
-        if src.ts is not None:
-            self._watermark = src.ts
-        self._close_source(src)
-        self._cur = None
+        with self._lock:
+            if src.ts is not None:
+                self._watermark = src.ts
+            else:  # the live file, rotated: its backup, if the ledger found it, is done too
+                ts = self._ledger.current_ts(src)
+                if ts is not None and self._newer(ts):
+                    self._watermark = ts
+            self._close_source(src)
+            self._cur = None
         self._lines.reset()
         self._buf, self._buf_pos = b"", 0
 
     def _close_source(self, src: Source) -> None:
+        def close(_: object = None) -> None:
+            with self._lock:  # backlog() may be fstat()ing its fd in another thread
+                src.close()
+
         if src.inflight is not None and not src.inflight.done():
-            src.inflight.add_done_callback(lambda _: src.close())  # a thread still uses it
+            src.inflight.add_done_callback(close)  # a thread still uses it
         else:
-            src.close()
+            close()
 
     # -- choosing the file --------------------------------------------------------------------------------
 
     def _newer(self, ts: str) -> bool:
         return self._watermark is None or ts > self._watermark
+
+    def _list(self) -> list[Sibling]:
+        """The backups (scan.list_siblings), also told to the loss ledger. Blocking: call in a thread."""
+        state = scan.directory_state(self._path)
+        began = time.time_ns()
+        with self._lock:
+            seq = self._ledger.begin()
+        siblings = scan.list_siblings(self._path)
+        with self._lock:
+            self._ledger.apply(seq, siblings, self._view())
+            if self._listed is None or began >= self._listed[1]:
+                self._listed = (state, began)
+        return siblings
+
+    def _view(self) -> View:
+        stats = self.stats
+        return View(
+            watermark=self._watermark,
+            cur=self._cur,
+            started=self._started,
+            opening=frozenset(self._opening),
+            live=self._path,
+            avg_line=stats.bytes / stats.lines if stats.lines else None,
+        )
+
+    def _watch_directory(self) -> None:
+        """Look at the directory each time a backup name changes (inotify, names only), not only when the tailer
+        advances: a backup lumberjack deletes unread is then seen, with its size, even while the tailer stays in
+        one file for long (receiver down). Retried at each advance until it works (directory not there yet)."""
+        if self._use_inotify and not self._dir_events.active:
+            self._dir_events.start()
+
+    def _dir_changed(self, appeared: list[Sibling]) -> None:
+        if appeared:
+            with self._lock:
+                self._ledger.appeared(appeared)
+        if self._closed:
+            return
+        if self._look is None or self._look.done():
+            self._look = asyncio.get_running_loop().create_task(self._look_at_directory(), name="tailer-look")
+        else:
+            self._look_again = True  # changed while a look runs: one more after it
+
+    async def _look_at_directory(self) -> None:
+        while True:
+            self._look_again = False
+            try:
+                await asyncio.to_thread(self._list)
+            except OSError:
+                pass  # reading reports I/O problems (rate-limited); the next change looks again
+            except Exception:  # a bug: not silent (issue 12); the next change looks again
+                log.exception("looking at %s for deleted backups failed", self._path.parent)
+            if not self._look_again or self._closed:
+                return
+
+    def _lost(self, size: int) -> None:
+        self.stats.lost_files += 1
+        self.stats.lost_bytes += size
 
     def _already_read(self, src: Source) -> bool:
         head = bytes(src.head)
@@ -441,15 +624,26 @@ class Tailer:
         if not self._started:
             if not await self._resolve_start():
                 return False
+            self._watch_directory()
             if self._cur is not None:
                 return True
+        self._watch_directory()
+        try:
+            return await self._next_file()
+        finally:
+            with self._lock:
+                self._opening.clear()
+
+    async def _next_file(self) -> bool:
         # Rotation can happen while we look: a few rounds, then the next read_batch tries again.
         for _ in range(8):
-            siblings = await asyncio.to_thread(list_siblings, self._path)
+            siblings = await asyncio.to_thread(self._list)
             vanished = False
             for sibling in siblings:
                 if not self._newer(sibling.ts):
                     continue
+                with self._lock:  # from now on its fd may be ours: not a loss if it is deleted (ledger)
+                    self._opening.add(sibling.ts)
                 try:
                     src = await self._open(sibling.path, sibling.ts, sibling.gz)
                 except CorruptGzip as e:
@@ -459,7 +653,8 @@ class Tailer:
                     vanished = True
                     break
                 if self._already_read(src):  # e.g. the file we just finished, now a backup
-                    self._watermark = sibling.ts
+                    with self._lock:
+                        self._watermark = sibling.ts
                     src.close()
                     continue
                 if await self._set_current(src, 0):
@@ -479,7 +674,7 @@ class Tailer:
 
     def _unread_backup_exists(self, live: Source) -> bool:
         """Is there a backup newer than the watermark other than `live` itself? Blocking."""
-        for sibling in list_siblings(self._path):
+        for sibling in self._list():
             if not self._newer(sibling.ts):
                 continue
             if sibling.gz:
@@ -495,7 +690,8 @@ class Tailer:
         self.stats.unreadable_files += 1
         log.error("skipping %s: %s; its lines are lost", path, error.strerror)
         if ts is not None and self._newer(ts):
-            self._watermark = ts
+            with self._lock:
+                self._watermark = ts
 
     async def _set_current(
         self, src: Source, read_off: int, *, line_off: int | None = None, keep_partial: bool = False
@@ -523,7 +719,8 @@ class Tailer:
                     read_off,
                 )
                 read_off, line_off, keep_partial = 0, 0, False
-        self._cur = src
+        with self._lock:
+            self._cur = src
         src.read_off = read_off
         self._line_off = read_off if line_off is None else line_off
         self._buf, self._buf_pos = b"", 0
@@ -537,7 +734,7 @@ class Tailer:
 
     async def _resolve_start(self) -> bool:
         """First look: where to begin. False while neither the log nor a backup exists."""
-        siblings = await asyncio.to_thread(list_siblings, self._path)
+        siblings = await asyncio.to_thread(self._list)
         live_exists = await asyncio.to_thread(os.path.exists, self._path)
         if not siblings and not live_exists:
             # Not there yet (volume not mounted, apiserver not started): nothing to resume from or lose,
@@ -548,71 +745,136 @@ class Tailer:
         self._problems.clear("missing")
         newest = siblings[-1].ts if siblings else None
         if self._start is not None:
-            src = await self._find_checkpointed(self._start.file, siblings)
-            if src is not None:
-                self._watermark = src.ts if src.ts is not None else newest
-                self._started = True
+            found = await self._find_checkpointed(self._start.file, siblings)
+            if found is not None:
+                src, newest_before = found
+                with self._lock:
+                    self._watermark = src.ts if src.ts is not None else newest_before
+                    self._started = True
                 await self._set_current(src, self._start.offset)
                 return True  # (if that failed, _advance goes on with the next file)
-            self.stats.checkpoint_misses += 1
-            first = siblings[0].path if siblings else self._path
-            log.error(
-                "the checkpoint names %s (device %d, inode %d, offset %d), but neither %s nor a rotated backup "
-                "of it is that file any more: it was rotated away and deleted while pyforward was not running. "
-                "Its lines after offset %d, and those of any backup deleted with it, are lost; starting at the "
-                "head of the oldest remaining file, %s",
-                self._start.path,
-                self._start.file.dev,
-                self._start.file.ino,
-                self._start.offset,
-                self._path,
-                self._start.offset,
-                first,
-            )
+            await self._checkpoint_lost(self._start)
         elif self._tail:
-            self._watermark = newest
             live = await self._open(self._path, None, False)
             if live is not None:
                 try:
                     offset, discard = await asyncio.to_thread(tail_offset, live, self._read_size)
+                    # Every backup there is now is history, also one that a rotation made after the first listing
+                    # (it is the file we opened, or older): "tail" must not read it (issue 12).
+                    after = await asyncio.to_thread(self._list)
                 except BaseException:
                     live.close()
                     raise
-                self._started = True
+                with self._lock:
+                    self._watermark = after[-1].ts if after else newest
+                    self._started = True
                 if await self._set_current(live, offset):
                     self._lines.discard = discard
                 return True
-        self._started = True
+            with self._lock:
+                self._watermark = newest
+        with self._lock:
+            self._started = True
         return True
 
-    async def _find_checkpointed(self, identity: FileIdentity, siblings: list[Sibling]) -> Source | None:
-        """The file the checkpoint names: by (dev, ino) and fingerprint, else (a .gz backup, a copy) by
-        fingerprint alone, the oldest such backup (more duplicates rather than a skipped file)."""
-        by_content: Source | None = None
-        candidates: list[tuple[Path, str | None, bool]] = [(s.path, s.ts, s.gz) for s in siblings]
-        candidates.append((self._path, None, False))
-        for path, ts, gz in candidates:
-            try:
-                src = await self._open(path, ts, gz)
-            except CorruptGzip as e:
-                log.error("cannot read %s while looking for the checkpointed file: %s", path, e.strerror)
-                continue
-            except BaseException:  # EACCES etc.: retry the whole lookup later rather than call the file lost
+    async def _checkpoint_lost(self, start: Position) -> None:
+        """The checkpointed file is really gone: say what was lost, count it."""
+        self.stats.checkpoint_misses += 1
+        unread = max(0, start.size - start.offset)
+        self._lost(unread)
+        remaining = await asyncio.to_thread(self._list)
+        first = remaining[0].path if remaining else self._path
+        size = (
+            f"{start.size} bytes when last seen, so at least {unread} bytes unread"
+            if start.size
+            else "size when last seen unknown"
+        )
+        log.error(
+            "the checkpoint names %s (device %d, inode %d, offset %d, %s), but neither %s nor a rotated backup of "
+            "it is that file any more: it was rotated away and deleted while pyforward was not running. Its lines "
+            "after offset %d, and those of any backup deleted with it, are lost; starting at the head of the oldest "
+            "remaining file, %s. Keep pyforward's downtime shorter than the API server's log retention "
+            "(--audit-log-maxbackup, --audit-log-maxsize)",
+            start.path,
+            start.file.dev,
+            start.file.ino,
+            start.offset,
+            size,
+            self._path,
+            start.offset,
+            first,
+            extra={"rate_key": f"checkpoint lost {start.path}", "lost_file": start.path, "lost_bytes": unread},
+        )
+
+    async def _find_checkpointed(
+        self, identity: FileIdentity, siblings: list[Sibling]
+    ) -> tuple[Source, str | None] | None:
+        """The file the checkpoint names, and the newest backup timestamp listed before it was opened (the watermark
+        if it is the live file). By (dev, ino) and fingerprint, else (a .gz backup, a copy) by fingerprint alone,
+        the oldest such backup (more duplicates rather than a skipped file).
+
+        lumberjack renames, gzips and deletes while we look (opening 660 .gz backups takes ~130 ms): the file may be
+        renamed after the listing (not in it), or a plain backup replaced by its .gz (written first, then the plain
+        file deleted: the .gz was not in the listing). Calling it gone then re-shipped every backup (issue 12). So a
+        plain backup gone when opened is followed to its .gz by name, and after each round the directory is listed
+        again: names not looked at yet, or another live file, make another round that opens only those. The file is
+        gone only when a listing shows nothing new.
+        """
+        by_content: tuple[Source, str | None] | None = None
+        examined: set[Path] = set()
+        live_seen: tuple[int, int] | None = None
+        try:
+            for _ in range(_START_ROUNDS):
+                newest = siblings[-1].ts if siblings else None
+                for sibling in siblings:
+                    if sibling.path in examined:
+                        continue
+                    examined.add(sibling.path)
+                    src = await self._open_candidate(sibling, examined)
+                    if src is None:
+                        continue
+                    if _is_file(src, identity):
+                        if by_content is not None:
+                            by_content[0].close()
+                        return src, newest
+                    if by_content is None and content_match(identity, bytes(src.head)):
+                        by_content = (src, newest)
+                        continue
+                    src.close()
+                live = await asyncio.to_thread(_inode, self._path)
+                if live is not None and live != live_seen:
+                    src = await self._open(self._path, None, False)
+                    if src is not None:
+                        live = (src.dev, src.ino)
+                        if _is_file(src, identity):
+                            if by_content is not None:
+                                by_content[0].close()
+                            return src, newest
+                        src.close()
+                live_seen = live
                 if by_content is not None:
-                    by_content.close()
-                raise
-            if src is None:
-                continue
-            head = bytes(src.head)
-            if not gz and (src.dev, src.ino) == (identity.dev, identity.ino) and identity.matches_head(head):
-                if by_content is not None:
-                    by_content.close()
-                return src
-            if by_content is None and ts is not None and content_match(identity, head):
-                by_content = src
-                continue
-            src.close()
-        return by_content
+                    return by_content
+                again = await asyncio.to_thread(self._list)
+                if all(s.path in examined for s in again) and await asyncio.to_thread(_inode, self._path) == live_seen:
+                    return None  # nothing changed while we looked: it is really gone
+                siblings = again
+            return None
+        except BaseException:  # EACCES etc.: retry the whole lookup later rather than call the file lost
+            if by_content is not None:
+                by_content[0].close()
+            raise
+
+    async def _open_candidate(self, sibling: Sibling, examined: set[Path]) -> Source | None:
+        try:
+            src = await self._open(sibling.path, sibling.ts, sibling.gz)
+            if src is None and not sibling.gz:
+                gz = scan.twin(sibling.path)  # gzipped (and the plain file deleted) since the listing
+                examined.add(gz)
+                src = await self._open(gz, sibling.ts, True)
+        except CorruptGzip as e:
+            log.error("cannot read %s while looking for the checkpointed file: %s", e.filename, e.strerror)
+            return None
+        return src
 
     def _io_problem(self, e: OSError) -> None:
         self.stats.errors += 1
@@ -623,3 +885,18 @@ class Tailer:
             else ""
         )
         self._problems.report("io", f"cannot read {what}: {e.strerror or e}{hint}; retrying")
+
+
+def _is_file(src: Source, identity: FileIdentity) -> bool:
+    """`src` is the file `identity` names: same inode, same first bytes (a plain file; a .gz is a new inode)."""
+    return (
+        src.gz is None and (src.dev, src.ino) == (identity.dev, identity.ino) and identity.matches_head(bytes(src.head))
+    )
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
