@@ -388,10 +388,7 @@ def latency(ctx: Context, rate: float, seconds: float) -> dict[str, float]:
         sink.stop()
     if code != 0:
         raise RuntimeError(f"bench: pyforward run exited {code}")
-    acked: dict[str, float] = {}
-    for row in ids_file.read_text().splitlines():
-        key, _, value = row.partition(" ")
-        acked[key] = float(value)
+    acked = read_acked(ids_file)
     delays = sorted((acked[k] - t) * 1000 for k, t in written.items() if k in acked)
     if len(delays) != len(written):
         raise RuntimeError(f"bench: {len(written) - len(delays)} of {len(written)} latency events were never acked")
@@ -402,6 +399,15 @@ def latency(ctx: Context, rate: float, seconds: float) -> dict[str, float]:
         "latency_events": len(delays),
         "latency_cpu_share": cpu_share,
     }
+
+
+def read_acked(ids_file: Path) -> dict[str, float]:
+    """The sink's `--ids` file: auditID -> time.time() when it sent the ack."""
+    acked: dict[str, float] = {}
+    for row in ids_file.read_text().splitlines():
+        key, _, value = row.partition(" ")
+        acked[key] = float(value)
+    return acked
 
 
 def write_steadily(fd: int, lines: list[bytes], rate: float, key: Callable[[bytes], str]) -> dict[str, float]:
@@ -575,10 +581,7 @@ def steady_rate(ctx: Context, rate: float, warmup: float, window: float) -> tupl
         sink.stop()
     if code != 0:
         raise RuntimeError(f"bench: pyforward run exited {code}")
-    acked: dict[str, float] = {}
-    for row in ids_file.read_text().splitlines():
-        key, _, value = row.partition(" ")
-        acked[key] = float(value)
+    acked = read_acked(ids_file)
     missing = sum(1 for k, _ in written if k not in acked)
     if missing:
         raise RuntimeError(f"bench: {missing} of {len(written)} steady events at {label}/s were never acked")
