@@ -141,14 +141,25 @@ def _pack_default(obj: object) -> object:
     raise TypeError(f"cannot encode {type(obj).__name__} as msgpack")
 
 
+#: The buffer a fresh Packer starts with (it grows as needed). msgpack's default, 256 KiB, is above glibc's mmap
+#: threshold (memory.py): an mmap, page faults and an munmap for the few bytes of every chunk's options (issue 11).
+_SMALL_PACK_BUFFER = 1024
+
+
 def _packb(obj: object) -> bytes:
     """Pack a small, non-hot-path value (options, one record). A fresh Packer keeps this thread-safe."""
     try:
-        return msgpack.packb(obj, use_bin_type=True, default=_pack_default)  # type: ignore[no-any-return]
+        return msgpack.packb(  # type: ignore[no-any-return]
+            obj, use_bin_type=True, default=_pack_default, buf_size=_SMALL_PACK_BUFFER
+        )
     except UnicodeEncodeError:
         # Strings decoded from a peer with surrogateescape carry their original (invalid UTF-8) bytes.
         return msgpack.packb(  # type: ignore[no-any-return]
-            obj, use_bin_type=True, default=_pack_default, unicode_errors="surrogateescape"
+            obj,
+            use_bin_type=True,
+            default=_pack_default,
+            unicode_errors="surrogateescape",
+            buf_size=_SMALL_PACK_BUFFER,
         )
 
 
@@ -299,26 +310,33 @@ def encode_compressed_packed_forward(tag: str, gzipped: bytes, options: Mapping[
     return encode_packed_forward(tag, gzipped, opts)
 
 
-def _isal_zlib() -> Any:
-    """python-isal's zlib-compatible module (ISA-L), when installed (the `fast` extra); else None."""
+def _igzip() -> Any:
+    """python-isal's igzip_lib (ISA-L), when installed (the `fast` extra); else None."""
     try:
-        return importlib.import_module("isal.isal_zlib")
+        return importlib.import_module("isal.igzip_lib")
     except ImportError:
         return None
 
 
-_ISAL_ZLIB = _isal_zlib()
+_IGZIP = _igzip()
+#: Up to this many bytes, ISA-L compresses with its small hash tables (MEM_LEVEL_SMALL): the same output and speed on
+#: chunks of this size, and a state small enough to come from the heap. Its default state is 280 KiB, above glibc's
+#: mmap threshold (memory.py): an mmap, ~70 page faults and an munmap per chunk, at steady rates a good share of a
+#: chunk's CPU (issue 11). Bigger chunks (a backlog, in the gzip thread) keep the default: a slightly better ratio.
+_SMALL_GZIP_STATE_BYTES = 256 << 10
 
 
 def gzip_compress(data: bytes, level: int = 1) -> bytes:
-    """One gzip member (RFC 1952 framing, wbits=31). Level 1: the shipper is CPU-bound, not link-bound.
+    """One gzip member (RFC 1952 framing). Level 1: the shipper is CPU-bound, not link-bound.
 
     At level 1, ISA-L when python-isal is installed: the same format, about a quarter of zlib -1's CPU on audit
     events and a slightly better ratio (bench/README.md). Like zlib, it releases the GIL while it compresses.
     """
-    module = _ISAL_ZLIB if level == 1 and _ISAL_ZLIB is not None else zlib
-    compressor = module.compressobj(level, module.DEFLATED, 31)
-    return compressor.compress(data) + compressor.flush()  # type: ignore[no-any-return]
+    if level == 1 and _IGZIP is not None:
+        memory = _IGZIP.MEM_LEVEL_SMALL if len(data) <= _SMALL_GZIP_STATE_BYTES else _IGZIP.MEM_LEVEL_DEFAULT
+        return _IGZIP.compress(data, 1, _IGZIP.COMP_GZIP, memory)  # type: ignore[no-any-return]
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 31)
+    return compressor.compress(data) + compressor.flush()
 
 
 @dataclass(slots=True)

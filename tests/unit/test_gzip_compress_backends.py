@@ -10,19 +10,24 @@ from pyforward import protocol
 from pyforward.auditgen import generate_events
 
 DATA = b"".join(generate_events(500, seed=3))
+SMALL = DATA[: DATA.index(b"\n", 8000) + 1]  # a chunk at a steady rate: ISA-L's small state
 
 
 @pytest.mark.parametrize("backend", ["zlib", "isal"])
 @pytest.mark.parametrize("level", [1, 6])
-def test_one_standard_member_either_way(monkeypatch: pytest.MonkeyPatch, backend: str, level: int) -> None:
+@pytest.mark.parametrize("data", [DATA, SMALL], ids=["bulk", "steady"])
+def test_one_standard_member_either_way(
+    monkeypatch: pytest.MonkeyPatch, backend: str, level: int, data: bytes
+) -> None:
     if backend == "isal":
-        if protocol._isal_zlib() is None:
+        if protocol._igzip() is None:
             pytest.skip("python-isal is not installed")
     else:
-        monkeypatch.setattr(protocol, "_ISAL_ZLIB", None)
-    blob = protocol.gzip_compress(DATA, level)
+        monkeypatch.setattr(protocol, "_IGZIP", None)
+    assert (len(data) <= protocol._SMALL_GZIP_STATE_BYTES) == (data is SMALL)
+    blob = protocol.gzip_compress(data, level)
     decompressor = zlib.decompressobj(wbits=31)
-    assert decompressor.decompress(blob) == DATA
+    assert decompressor.decompress(blob) == data
     assert decompressor.eof
     assert decompressor.unused_data == b""
-    assert len(blob) < len(DATA) / 4
+    assert len(blob) < len(data) / 3
