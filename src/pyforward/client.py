@@ -51,7 +51,7 @@ class ClientConfig:
     username: str = ""
     password: str = ""
     hostname: str = "localhost"
-    window: int = 4
+    window: int = 16
     ack_timeout: float = 30.0
     handshake_timeout: float = 10.0
     backoff_initial: float = 0.5
@@ -104,9 +104,12 @@ class ForwardClient:
         self._task: asyncio.Task[None] | None = None
         self._conn_task: asyncio.Task[None] | None = None
         self._kick = asyncio.Event()
-        self._ack_deadline: asyncio.Timeout | None = None  # the receive loop's, while a connection is up
+        self._ack_task: asyncio.Task[None] | None = None  # the receive loop, while a connection is up
+        self._ack_timer: asyncio.TimerHandle | None = None  # when the oldest unacked chunk may be late (lazy)
+        self._ack_expired = False  # the timer cancelled the receive loop: no ack in time
         self._writer: asyncio.StreamWriter | None = None  # while a connection is up and its handshake is done
         self._held: asyncio.TimerHandle | None = None  # acks not read until it fires (hold_acks)
+        self._held_raw: asyncio.Transport | None = None  # the socket transport paused by the hold
 
     # --- public API ----------------------------------------------------------------------------------------
     def start(self) -> asyncio.Task[None]:
@@ -127,30 +130,43 @@ class ForwardClient:
             # The common case at steady rates: connected, room in the window, nothing queued. Write now rather than
             # wake the sender task for it (a task step per chunk, issue 11); the empty buffer means no drain is due.
             self._write(writer, chunk)
+            if self._held is not None and len(self._inflight) >= self.config.window:
+                self.release_acks()  # the next chunk can leave only once an ack came
             return
         self._pending.append(chunk)
         self._wakeup.set()
+        self.release_acks()
 
     def hold_acks(self, until: float) -> None:
-        """Read no ack before loop time `until`: the caller will be awake then anyway.
+        """Read no ack before loop time `until`, unless the window fills up or `release_acks` is called first.
 
-        At steady rates the pipeline sends a chunk and sleeps one latency budget; the ack comes a millisecond later and
-        woke the process a second time per chunk, and in a VM each wakeup costs ~0.2 ms of CPU (issue 11). So the
-        socket is not watched until then: the ack waits in the kernel and is read in the same wakeup as the pipeline's
-        next look. (What an ack frees, budget and checkpoint, has no use before then; the ack deadline is far later.)
+        At steady rates the pipeline sends a chunk and sleeps one latency budget; each ack came a millisecond later
+        and woke the process once more per chunk, and reading it (the TLS layers, the stream, the receive loop) cost
+        as much CPU as the chunk itself: in a VM every wakeup runs with cold caches (issue 11). So the socket is not
+        watched meanwhile: the acks wait in the kernel and are read together, once per hold. Nothing is lost by the
+        wait: what an ack frees (budget, checkpoint) is not needed before then, and the ack deadline is far later.
+        The hold ends early when the window is full (the next chunk needs an ack to leave).
         """
         writer = self._writer
-        if writer is None or self._held is not None:
+        if writer is None or self._held is not None or self._pending or len(self._inflight) >= self.config.window:
             return
         raw = socket_transport(writer)
         if raw is None or not raw.is_reading():  # (paused by TLS flow control: leave it alone)
             return
         raw.pause_reading()
         self._held = asyncio.get_running_loop().call_at(until, self._release_acks, raw)
+        self._held_raw = raw
 
-    def _release_acks(self, raw: asyncio.Transport) -> None:
+    def release_acks(self) -> None:
+        """End a hold now: the acks that came meanwhile are read in the next loop iteration."""
+        if self._held is not None:
+            self._held.cancel()
+            self._release_acks(self._held_raw)
+
+    def _release_acks(self, raw: asyncio.Transport | None) -> None:
         self._held = None
-        if not raw.is_closing() and not raw.is_reading():
+        self._held_raw = None
+        if raw is not None and not raw.is_closing() and not raw.is_reading():
             raw.resume_reading()
 
     @property
@@ -159,6 +175,7 @@ class ForwardClient:
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until every submitted chunk was acked. True when done, False on timeout."""
+        self.release_acks()
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
@@ -248,7 +265,7 @@ class ForwardClient:
             finally:
                 if self._held is not None:
                     self._held.cancel()
-                    self._held = None
+                    self._held = self._held_raw = None
                 self._writer = None
                 sender.cancel()
                 with contextlib.suppress(asyncio.CancelledError, OSError, _Reconnect):
@@ -316,36 +333,56 @@ class ForwardClient:
 
     async def _receive_loop(self, reader: asyncio.StreamReader, decoder: ClientDecoder) -> None:
         # The wait for the oldest chunk's ack is bounded (fluent-bit has no bound and stalls on a silent peer). One
-        # deadline for the whole loop, moved as chunks are sent and acked (_arm_ack_deadline): a plain read per ack, no
-        # task or timer made per chunk (they were a good share of the CPU at steady rates, issue 11).
+        # lazy timer for the whole loop (_arm_ack_deadline): a plain read per ack, and no task, timer or reschedule per
+        # chunk (they were a good share of the CPU at steady rates, issue 11).
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()
+        self._ack_task = task
+        self._ack_expired = False
+        self._arm_ack_deadline()
         try:
-            async with asyncio.timeout(None) as deadline:
-                self._ack_deadline = deadline
-                self._arm_ack_deadline()
-                while True:
-                    data = await reader.read(65536)
-                    if not data:
-                        raise _Reconnect("receiver closed the connection")
-                    for event in decoder.feed(data):
-                        if not isinstance(event, Ack):
-                            raise ProtocolError(f"unexpected {type(event).__name__} from the receiver")
-                        self._acked(event.chunk_id)
-        except TimeoutError:
-            raise _Reconnect(
-                f"no ack within {self.config.ack_timeout:g}s for {len(self._inflight)} chunk(s) in flight"
-            ) from None
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    raise _Reconnect("receiver closed the connection")
+                for event in decoder.feed(data):
+                    if not isinstance(event, Ack):
+                        raise ProtocolError(f"unexpected {type(event).__name__} from the receiver")
+                    self._acked(event.chunk_id)
+        except asyncio.CancelledError:
+            # Our own deadline cancelled the read (as asyncio.timeout does): unless someone else cancelled us too.
+            if self._ack_expired and task.uncancel() <= cancelling:
+                raise _Reconnect(
+                    f"no ack within {self.config.ack_timeout:g}s for {len(self._inflight)} chunk(s) in flight"
+                ) from None
+            raise
         finally:
-            self._ack_deadline = None
+            self._ack_task = None
+            if self._ack_timer is not None:
+                self._ack_timer.cancel()
+                self._ack_timer = None
 
     def _arm_ack_deadline(self) -> None:
-        """The receive loop gives up at the oldest unacked chunk's send time + ack_timeout (never while none is)."""
-        if self._ack_deadline is None:
+        """The receive loop gives up at the oldest unacked chunk's send time + ack_timeout (never while none is).
+
+        Lazily: a timer is set for the oldest chunk's deadline and left alone as chunks are sent and acked; when it
+        fires it looks at the chunk that is the oldest then, and sets itself again for that one if it is not late."""
+        if self._ack_task is None or self._ack_timer is not None or not self._inflight:
             return
-        if self._inflight:
-            oldest_sent = next(iter(self._inflight.values()))[1]  # time.monotonic(), the clock of asyncio's loop.time()
-            self._ack_deadline.reschedule(oldest_sent + self.config.ack_timeout)
-        else:
-            self._ack_deadline.reschedule(None)
+        oldest_sent = next(iter(self._inflight.values()))[1]  # time.monotonic(), the clock of asyncio's loop.time()
+        self._ack_timer = asyncio.get_running_loop().call_at(oldest_sent + self.config.ack_timeout, self._ack_due)
+
+    def _ack_due(self) -> None:
+        self._ack_timer = None
+        if self._ack_task is None or not self._inflight:
+            return
+        oldest_sent = next(iter(self._inflight.values()))[1]
+        if time.monotonic() < oldest_sent + self.config.ack_timeout:
+            self._arm_ack_deadline()  # the chunk it was set for was acked: wait for the one that is the oldest now
+            return
+        self._ack_expired = True
+        self._ack_task.cancel()
 
     def _acked(self, chunk_id: bytes) -> None:
         entry = self._inflight.pop(chunk_id, None)

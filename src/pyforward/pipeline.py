@@ -270,6 +270,8 @@ class Pipeline:
         settings = self.settings
         size = building.size
         in_thread = settings.compress == "gzip" and size > _INLINE_GZIP_BYTES
+        if self.budget.used + size > self.budget.limit:
+            self.client.release_acks()  # the room comes from acks (and the checkpoint they move)
         await self.budget.acquire(size)
         if in_thread:
             try:
@@ -407,13 +409,14 @@ class Pipeline:
                 # later rather than wait for inotify. What was written meanwhile has waited at most the budget then
                 # and leaves at once; one timer wakeup a chunk instead of an inotify wakeup, its events and a timer (in
                 # this VM each wakeup costs ~0.2 ms of CPU, most of a chunk's cost: issue 11). If nothing was written,
-                # the next read_batch says so and the loop waits for the writer. The chunk's ack is read then too.
-                self.client.hold_acks(asyncio.get_running_loop().time() + budget)
+                # the next read_batch says so and the loop waits for the writer. Meanwhile the acks are not read: they
+                # are read together about once per checkpoint interval (all they free waits for the checkpoint anyway),
+                # or when the window fills, or when the loop stops ticking (below).
+                hold = max(budget, self.settings.checkpoint_interval)
+                self.client.hold_acks(asyncio.get_running_loop().time() + hold)
                 await asyncio.sleep(budget)
-                # One loop iteration for the socket, watched again now, to hand over the acks before the next hold
-                # (holding again in this step would cancel the read the loop has just been told about).
-                await asyncio.sleep(0)
                 return time.monotonic()
+        self.client.release_acks()  # not ticking: the acks are read as they come
         await tailer.wait(None)
         woke = time.monotonic()
         if woke - self._last_data >= budget:

@@ -155,10 +155,11 @@ class Settings(BaseSettings):
         json_schema_extra=_group("records"),
     )
     window: int = Field(
-        4,
+        16,
         ge=1,
         le=1024,
-        description="Chunks on the wire awaiting their ack.",
+        description="Chunks on the wire awaiting their ack. At steady rates acks are read about once per "
+        "checkpoint_interval, or when the window is full.",
         json_schema_extra=_group("records"),
     )
 

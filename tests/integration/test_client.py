@@ -450,23 +450,88 @@ async def test_a_connection_reset_by_the_receiver_is_freed_at_once(tls: bool, ce
             gc.enable()
 
 
+async def test_ack_deadline_follows_the_oldest_unacked_chunk() -> None:
+    """The deadline timer is lazy (set once, checked when it fires): acks for later chunks keep coming, but the one
+    chunk never acked still makes the client give up on the connection and send it again."""
+
+    async def handler(conn: Conn) -> None:
+        async for request in conn.requests():
+            assert request.chunk is not None
+            state.chunk_ids.append(request.chunk)
+            if state.connections > 1 or request.chunk != first_id:
+                conn.ack(request)
+
+    chunks = make_chunks(6)
+    first_id = chunks[0].chunk_id_bytes
+    acked: list[int] = []
+    async with scripted(handler) as state:
+        client = ForwardClient(connector(state.port), fast_config(ack_timeout=0.5, window=8), on_ack=collect(acked))
+        client.start()
+        try:
+            client.submit(chunks[0])
+            for chunk in chunks[1:]:  # acked one by one while the first waits
+                done = len(acked) + 1
+                client.submit(chunk)
+                while len(acked) < done:
+                    await asyncio.sleep(0.01)
+            assert await client.drain(10), f"not drained: {client.stats}"
+        finally:
+            await client.close()
+    assert sorted(acked) == list(range(6))
+    assert state.connections == 2
+    assert state.chunk_ids.count(first_id) == 2  # sent again, on the second connection, and nothing else was
+
+
+async def _hold_then(
+    config: ClientConfig, action: Callable[[ForwardClient, list[Chunk]], Awaitable[None]]
+) -> tuple[list[int], float, float]:
+    """One chunk acked (connected), then a hold of 30 s from the step of the next write, then `action`. Returns the
+    acked positions, the hold's end and the loop time when every chunk was acked."""
+    async with scripted(acking) as server:
+        acked: list[int] = []
+        all_acked = asyncio.Event()
+        chunks = make_chunks(3)
+
+        def on_ack(chunk: Chunk, latency: float) -> None:
+            collect(acked)(chunk, latency)
+            if len(acked) == len(chunks):
+                all_acked.set()
+
+        destination = Destination(host="127.0.0.1", port=server.port)  # open_stream: hold_acks finds its socket
+        client = ForwardClient(lambda: open_stream(destination), config, on_ack=on_ack)
+        client.start()
+        loop = asyncio.get_running_loop()
+        try:
+            client.submit(chunks[0])
+            assert await client.drain(5)  # connected; the next submit writes at once
+            until = loop.time() + 30
+            client.submit(chunks[1])
+            client.hold_acks(until)  # in the same step as the write: its ack cannot have been read yet
+            await action(client, chunks)
+            await asyncio.wait_for(all_acked.wait(), 10)
+            return acked, until, loop.time()
+        finally:
+            await client.close()
+
+
 async def test_held_acks_are_read_when_the_hold_ends() -> None:
     """hold_acks (steady rates: no wakeup per ack) pauses the socket itself, under any TLS layer: the ack of a chunk
-    written during the hold is read when the hold ends, not before, and the connection goes on."""
+    written during the hold is read when the hold ends (its deadline passed, or release_acks), not before."""
     async with scripted(acking) as server:
         acked: list[int] = []
         destination = Destination(host="127.0.0.1", port=server.port)
         client = ForwardClient(lambda: open_stream(destination), fast_config(), on_ack=collect(acked))
         client.start()
         first, second, third = make_chunks(3)
+        loop = asyncio.get_running_loop()
         try:
             client.submit(first)
-            assert await client.drain(5)  # connected; the next submit writes at once
-            loop = asyncio.get_running_loop()
+            assert await client.drain(5)
             until = loop.time() + 0.3
             client.submit(second)
-            client.hold_acks(until)  # in the same step as the write: the ack cannot have been read yet
-            assert await client.drain(5)
+            client.hold_acks(until)
+            while len(acked) < 2:
+                await asyncio.sleep(0.01)
             assert loop.time() >= until, "the ack was read during the hold"
             client.submit(third)  # and the socket is watched again
             assert await client.drain(5)
@@ -474,3 +539,34 @@ async def test_held_acks_are_read_when_the_hold_ends() -> None:
             await client.close()
     assert acked == [0, 1, 2]
     assert client.stats.connects == 1
+
+
+async def test_release_acks_ends_a_hold() -> None:
+    async def release(client: ForwardClient, chunks: list[Chunk]) -> None:
+        client.release_acks()
+        client.submit(chunks[2])
+
+    acked, until, done = await _hold_then(fast_config(), release)
+    assert acked == [0, 1, 2]
+    assert done < until
+
+
+async def test_a_full_window_ends_a_hold() -> None:
+    """The next chunk needs an ack to leave: the hold ends when the window fills (here with the third chunk)."""
+
+    async def fill(client: ForwardClient, chunks: list[Chunk]) -> None:
+        client.submit(chunks[2])
+
+    acked, until, done = await _hold_then(fast_config(window=2), fill)
+    assert acked == [0, 1, 2]
+    assert done < until
+
+
+async def test_drain_ends_a_hold() -> None:
+    async def drain(client: ForwardClient, chunks: list[Chunk]) -> None:
+        client.submit(chunks[2])
+        assert await client.drain(5)
+
+    acked, until, done = await _hold_then(fast_config(window=8), drain)
+    assert acked == [0, 1, 2]
+    assert done < until
