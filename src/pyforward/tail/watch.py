@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,9 @@ except ImportError:  # pragma: no cover
 __all__ = ["DirectoryEvents", "Watcher", "stat_key"]
 
 log = logging.getLogger("pyforward.tailer")
+
+#: mark() drains the inotify queue at most this often (seconds).
+_DRAIN_INTERVAL = 1.0
 
 #: wait() returns at least this often even without any event: inotify can miss changes (queue overflow,
 #: a directory replaced under the watch) and errors such as EACCES are retried only when wait() returns.
@@ -82,6 +86,7 @@ class Watcher:
         self._watched: dict[Path, tuple[int, int]] = {}  # dir -> (dev, ino) watched
         self._watch_paths: dict[int, Path] = {}  # watch descriptor -> dir
         self._layout: _Layout | None = None
+        self._drained = float("-inf")  # monotonic time of mark()'s last drain
 
     async def mark(self) -> None:
         """Called as a read begins: a change after this makes the next wait() return."""
@@ -94,11 +99,17 @@ class Watcher:
             self._baseline = await asyncio.to_thread(self.signature)
         elif self.inotify is not None:
             # The read that follows sees every change made so far: the events queued for them would only make the
-            # next wait() return at once for nothing (a read that finds nothing: thread round trips, a wakeup), once
-            # per chunk at steady rates (issue 11). A change after this drain queues a new event.
-            relevant = self._matcher()
-            for event in self.inotify.read(timeout=0):
-                relevant(event)
+            # next wait() return at once for nothing (one read that finds nothing). That is cheaper than draining them
+            # before every read (a syscall or two and the parsing, a good part of a chunk's CPU at steady rates,
+            # issue 11), so they are drained only once in a while, to keep the kernel's queue short (the checkpoint's
+            # writes beside the log interleave with the log's write events, which inotify would otherwise merge).
+            # A change after a drain queues a new event: never a missed wakeup.
+            now = time.monotonic()
+            if now - self._drained >= _DRAIN_INTERVAL:
+                self._drained = now
+                relevant = self._matcher()
+                for event in self.inotify.read(timeout=0):
+                    relevant(event)
 
     async def wait(self, timeout: float | None) -> None:
         """Return when the log may have changed (inotify, else polling every poll_interval) or on timeout.
