@@ -9,9 +9,10 @@ import gzip
 import os
 import stat
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, TypeVar
 
 from pyforward.checkpoint import FINGERPRINT_BYTES, FileIdentity
 
@@ -26,6 +27,8 @@ __all__ = [
     "seek",
     "tail_offset",
 ]
+
+_T = TypeVar("_T")
 
 
 def content_match(identity: FileIdentity, head: bytes) -> bool:
@@ -122,6 +125,23 @@ def open_source(path: Path, ts: str | None, gz: bool) -> Source:
             raw.close()
         else:
             os.close(fd)
+        raise
+
+
+async def _in_thread(fn: Callable[..., _T], *args: Any, release: Callable[[_T], None] | None = None) -> _T:
+    """asyncio.to_thread that does not leak what `fn` returns if the caller is cancelled meanwhile."""
+    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+    try:
+        return await asyncio.shield(fut)
+    except asyncio.CancelledError:
+        if release is not None:
+            rel = release
+
+            def done(f: asyncio.Future[_T]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    rel(f.result())
+
+            fut.add_done_callback(done)
         raise
 
 

@@ -1,5 +1,6 @@
-"""The Tailer: composes scanning (scan.py), the open file (file.py), lines (lines.py), watching (watch.py) and
-where to start (start.py) into "the next lines, in order, each once" (fluent-bit: tail.c)."""
+"""The Tailer: composes scanning (scan.py), the open file (file.py), lines (lines.py), watching (watch.py), where to
+start (start.py) and rotation and truncation (rotate.py) into "the next lines, in order, each once" (fluent-bit:
+tail.c)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal
 
 from pyforward.checkpoint import FileIdentity, Position
 from pyforward.tail import scan
@@ -21,14 +21,16 @@ from pyforward.tail.file import (
     CorruptGzip,
     ReadResult,
     Source,
+    _in_thread,
     content_match,
     open_source,
     read_gz,
     read_plain,
     seek,
 )
-from pyforward.tail.ledger import Ledger, View, gz_starts_with
+from pyforward.tail.ledger import Ledger, View
 from pyforward.tail.lines import LineAssembler
+from pyforward.tail.rotate import RotationDetection
 from pyforward.tail.scan import DirectoryState, Sibling
 from pyforward.tail.start import StartResolution
 from pyforward.tail.watch import DirectoryEvents, Watcher
@@ -36,8 +38,6 @@ from pyforward.tail.watch import DirectoryEvents, Watcher
 __all__ = ["LineBatch", "Tailer", "TailerStats"]
 
 log = logging.getLogger("pyforward.tailer")
-
-_T = TypeVar("_T")
 
 #: Rate limit for repeating an unchanged problem in the log (permission denied, directory missing, ...).
 _PROBLEM_REPEAT = 300.0
@@ -78,23 +78,6 @@ class TailerStats:
     errors: int = 0  # I/O errors (permission denied, EIO, ...), each retried
 
 
-async def _in_thread(fn: Callable[..., _T], *args: Any, release: Callable[[_T], None] | None = None) -> _T:
-    """asyncio.to_thread that does not leak what `fn` returns if the caller is cancelled meanwhile."""
-    fut = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(fut)
-    except asyncio.CancelledError:
-        if release is not None:
-            rel = release
-
-            def done(f: asyncio.Future[_T]) -> None:
-                if not f.cancelled() and f.exception() is None:
-                    rel(f.result())
-
-            fut.add_done_callback(done)
-        raise
-
-
 class _Problems:
     """One log line per problem, repeated only if it changes or after a long while; a line when it ends."""
 
@@ -126,7 +109,7 @@ class _Batch:
     caught_up: bool = False
 
 
-class Tailer(StartResolution):
+class Tailer(StartResolution, RotationDetection):
     """Lines of `path` and of its rotated backups, from `start` on, in order, each once.
 
     One consumer: do not call read_batch/wait concurrently.
@@ -416,97 +399,6 @@ class Tailer(StartResolution):
             raise
         src.inflight = None
         return result
-
-    def _still_live(self, src: Source) -> bool:
-        """Does the log path still name `src`? (False: look closer, in _moved_away.)"""
-        try:
-            return src.same_inode(os.stat(self._path))
-        except OSError:
-            return False
-
-    def _moved_away(self, src: Source) -> tuple[bool, Path | None, str | None]:
-        """Does the log path no longer name `src`? And the backup it is now (name, timestamp), if found. Blocking."""
-        try:
-            if src.same_inode(os.stat(self._path)):
-                return False, None, None  # the common case: one stat
-            missing = False
-        except (FileNotFoundError, NotADirectoryError):
-            missing = True
-        backup, ts = self._backup_of(src, self._list())
-        if missing:
-            # Between lumberjack's rename and create, or the directory is gone. Rotated only if our inode is
-            # a backup now; otherwise keep it: the writer may still append (even to a deleted file, which we
-            # can still read), and a recreated log will be a different file.
-            return backup is not None, backup, ts
-        return True, backup, ts
-
-    def _backup_of(self, src: Source, siblings: list[Sibling]) -> tuple[Path | None, str | None]:
-        """The backup `src` (opened as the live log) has become: by inode, or, gzipped meanwhile by lumberjack's
-        mill, by its decompressed head. Blocking (may open one .gz)."""
-        with self._lock:
-            for ts, seen in self._ledger.known.items():  # stat()ed by the listing just made
-                if not seen.gz and (seen.dev, seen.ino) == (src.dev, src.ino):
-                    return seen.path, ts
-            watermark = self._watermark
-        # The live file is read only once no unread backup is left, and lumberjack names backups by rotation time:
-        # so ours is the oldest backup newer than the watermark, if it was not deleted already.
-        for sibling in siblings:
-            if watermark is not None and sibling.ts <= watermark:
-                continue
-            if sibling.gz and gz_starts_with(sibling.path, src):
-                return sibling.path, sibling.ts
-            break
-        return None, None
-
-    async def _truncated(self, src: Source, size: int) -> None:
-        """The live file shrank below our offset or its first bytes changed."""
-        old = src.identity()
-        unread = max(0, src.size - src.read_off)
-        partial = self._lines.pending
-        # copy-truncate (logrotate): the copy, made before the truncate, holds what we had not read yet.
-        copy = await self._find_copy(old)
-        self.stats.truncations += 1
-        if copy is not None:
-            log.warning(
-                "%s was truncated (copy-truncate): reading the rest from its copy %s at offset %d, then %s "
-                "from the start",
-                self._path,
-                copy.path,
-                src.read_off,
-                self._path,
-            )
-            if await self._set_current(copy, src.read_off, line_off=self._line_off, keep_partial=True):
-                self._close_source(src)  # (if cancelled before this, src stays current: detected again)
-                return
-        lost = unread + partial
-        self.stats.truncation_bytes_lost += lost
-        log.warning(
-            "%s was truncated or rewritten (now %d bytes, we had read %d): %d bytes that had not been shipped "
-            "are lost; reading it again from the start",
-            src.path,
-            size,
-            src.read_off,
-            lost,
-        )
-        self._lines.reset()
-        self._buf, self._buf_pos = b"", 0
-        src.reset_head()
-        src.read_off = 0
-        src.size = size
-        self._line_off = 0
-
-    async def _find_copy(self, identity: FileIdentity) -> Source | None:
-        for sibling in await asyncio.to_thread(self._list):
-            if not self._newer(sibling.ts):
-                continue
-            try:
-                cand = await _in_thread(open_source, sibling.path, sibling.ts, sibling.gz, release=Source.close)
-            except OSError:
-                continue
-            if content_match(identity, bytes(cand.head)) and (cand.dev, cand.ino) != (identity.dev, identity.ino):
-                return cand
-            cand.close()
-        return None
 
     def _finish(self, src: Source) -> None:
         """`src` was read to its end and will not grow: remember it, close it."""
