@@ -133,6 +133,7 @@ class Pipeline:
         self._last_ack = 0.0
         self._last_data = float("-inf")  # monotonic time of the last read that returned lines
         self._quiet = False  # the last wait for the writer ended after a quiet spell: ship the next lines at once
+        self._acks_due: float | None = None  # loop time when the acks held while ticking are read (_settle)
         # Chunks being built (gzip), in read order; the sender hands them to the client in that order.
         self._outbox: asyncio.Queue[asyncio.Future[Chunk]] | None = None
         self._compressing = 0  # chunks in the outbox or being awaited by the sender: later chunks queue behind them
@@ -411,11 +412,22 @@ class Pipeline:
                 # this VM each wakeup costs ~0.2 ms of CPU, most of a chunk's cost: issue 11). If nothing was written,
                 # the next read_batch says so and the loop waits for the writer. Meanwhile the acks are not read: they
                 # are read together about once per checkpoint interval (all they free waits for the checkpoint anyway),
-                # or when the window fills, or when the loop stops ticking (below).
-                hold = max(budget, self.settings.checkpoint_interval)
-                self.client.hold_acks(asyncio.get_running_loop().time() + hold)
+                # in the wakeup of a look (not one of their own), or when the window fills, or when the loop stops
+                # ticking (below).
+                loop = asyncio.get_running_loop()
+                if self._acks_due is None:
+                    self._acks_due = loop.time() + max(budget, self.settings.checkpoint_interval)
+                self.client.hold_acks(self._acks_due + budget)  # (a backstop: the look below releases them)
                 await asyncio.sleep(budget)
+                if loop.time() >= self._acks_due:
+                    self._acks_due = None
+                    self.client.release_acks()
+                    # Two loop iterations: the first sees the socket readable, the second reads it (its callback runs
+                    # after this task's step in that iteration); then the next chunk's hold may pause it again.
+                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)
                 return time.monotonic()
+        self._acks_due = None
         self.client.release_acks()  # not ticking: the acks are read as they come
         await tailer.wait(None)
         woke = time.monotonic()
