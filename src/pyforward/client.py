@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import select
 import time
 import traceback
 from collections import OrderedDict, deque
@@ -110,6 +111,8 @@ class ForwardClient:
         self._writer: asyncio.StreamWriter | None = None  # while a connection is up and its handshake is done
         self._held: asyncio.TimerHandle | None = None  # acks not read until it fires (hold_acks)
         self._held_raw: asyncio.Transport | None = None  # the socket transport paused by the hold
+        self._unread = False  # a hold began and the socket was not read since: acks may wait there
+        self._hangup: select.poll | None = None  # the connection's socket, polled for the receiver's close (held acks)
 
     # --- public API ----------------------------------------------------------------------------------------
     def start(self) -> asyncio.Task[None]:
@@ -120,6 +123,14 @@ class ForwardClient:
 
     def submit(self, chunk: Chunk) -> None:
         self._idle.clear()
+        if self._unread and self._peer_gone():
+            # The receiver closed or reset the connection while its acks waited unread in our socket (hold_acks). A
+            # write now would fail and end the connection with them unread: their chunks would be sent again. So
+            # nothing is written before the loop has read them (no sender wakeup): the read finds the acks, then the
+            # end of the connection, and this chunk goes on the next one.
+            self.release_acks()
+            self._pending.append(chunk)
+            return
         writer = self._writer
         if (
             writer is not None
@@ -156,6 +167,17 @@ class ForwardClient:
         raw.pause_reading()
         self._held = asyncio.get_running_loop().call_at(until, self._release_acks, raw)
         self._held_raw = raw
+        self._unread = True
+        if self._hangup is None:
+            sock = raw.get_extra_info("socket")
+            if sock is not None:
+                self._hangup = select.poll()
+                self._hangup.register(sock.fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+
+    def _peer_gone(self) -> bool:
+        """Has the receiver closed (FIN) or reset (RST) the connection? One poll(2), no wait: while acks are held the
+        loop does not watch the socket, so it cannot tell us."""
+        return self._hangup is not None and bool(self._hangup.poll(0))
 
     def release_acks(self) -> None:
         """End a hold now: the acks that came meanwhile are read in the next loop iteration."""
@@ -266,6 +288,8 @@ class ForwardClient:
                 if self._held is not None:
                     self._held.cancel()
                     self._held = self._held_raw = None
+                self._unread = False
+                self._hangup = None
                 self._writer = None
                 sender.cancel()
                 with contextlib.suppress(asyncio.CancelledError, OSError, _Reconnect):
@@ -344,6 +368,8 @@ class ForwardClient:
         try:
             while True:
                 data = await reader.read(65536)
+                if self._held is None:
+                    self._unread = False  # (one read takes every ack that waited: they are a few dozen bytes each)
                 if not data:
                     raise _Reconnect("receiver closed the connection")
                 for event in decoder.feed(data):

@@ -118,8 +118,8 @@ class Metrics:
         )
         self.ack_latency = Histogram(
             "pyforward_ack_latency_seconds",
-            "Seconds from writing a chunk to reading its ack. At steady rates acks are read at the next look at the "
-            "log, up to flush_interval later (no wakeup per ack).",
+            "Seconds from writing a chunk to reading its ack. At steady rates acks are read together about once per "
+            "checkpoint_interval (no wakeup per ack), so up to about that much later.",
             buckets=ACK_LATENCY_BUCKETS,
             registry=r,
         )
@@ -137,7 +137,9 @@ class Metrics:
             "backlog_files", "Of those, files not yet read to their end, the one being read included."
         )
         self.backlog_seconds = gauge(
-            "backlog_seconds", "Age in seconds of the oldest line not yet acked; 0 when caught up."
+            "backlog_seconds",
+            "While there is a backlog (unread bytes beyond what is in flight): seconds since the last ack; 0 when "
+            "caught up.",
         )
         self.inflight_bytes = gauge("inflight_bytes", "Source bytes read but not yet acked (bounded in memory).")
         self.connected = gauge("connected", "1 while a connection to the receiver is up (handshake done), else 0.")

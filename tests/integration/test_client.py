@@ -570,3 +570,49 @@ async def test_drain_ends_a_hold() -> None:
     acked, until, done = await _hold_then(fast_config(window=8), drain)
     assert acked == [0, 1, 2]
     assert done < until
+
+
+@pytest.mark.parametrize("close", ["reset", "fin"])
+async def test_acks_held_when_the_receiver_goes_are_not_lost(close: str) -> None:
+    """The receiver acks, then resets (SO_LINGER 0) or closes the connection while the client holds its acks: they are
+    read before anything more is written, so nothing acked is sent again (docs/architecture.md, "What a crash may
+    duplicate"). Without the client's check, the next write fails and the connection ends with the acks unread."""
+    reset = asyncio.Event()
+
+    async def handler(conn: Conn) -> None:
+        async for request in conn.requests():
+            assert request.chunk is not None
+            state.chunk_ids.append(request.chunk)
+            conn.ack(request)
+            if state.connections == 1 and len(state.chunk_ids) == 3:
+                await conn.writer.drain()
+                if close == "reset":
+                    sock = conn.writer.get_extra_info("socket")
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    conn.writer.transport.abort()  # a reset, with the acks already sent
+                else:
+                    conn.writer.close()
+                    await conn.writer.wait_closed()
+                reset.set()
+                return
+
+    async with scripted(handler) as state:
+        acked: list[int] = []
+        destination = Destination(host="127.0.0.1", port=state.port)
+        client = ForwardClient(lambda: open_stream(destination), fast_config(window=8), on_ack=collect(acked))
+        client.start()
+        chunks = make_chunks(4)
+        try:
+            client.submit(chunks[0])
+            assert await client.drain(5)  # connected
+            client.submit(chunks[1])
+            client.hold_acks(asyncio.get_running_loop().time() + 30)
+            client.submit(chunks[2])
+            await asyncio.wait_for(reset.wait(), 5)
+            client.submit(chunks[3])  # (a look at steady rates: a chunk while the acks are held)
+            assert await client.drain(10), f"not drained: {client.stats}"
+        finally:
+            await client.close()
+    assert sorted(acked) == [0, 1, 2, 3]
+    assert state.chunk_ids[:3] == [c.chunk_id_bytes for c in chunks[:3]]
+    assert state.chunk_ids[3:] == [chunks[3].chunk_id_bytes], "an acked chunk was sent again"
