@@ -59,7 +59,7 @@ def test_copy_truncate_logs_the_lost_bytes_and_ships_later_lines(harness: Harnes
     receiver.resume()
     output = receiver.received()
     match = run.wait_log(r"was truncated or rewritten \(now \d+ bytes, we had read (\d+)\): (\d+) bytes that had not "
-                         r"been shipped are lost", level="warning")
+                         r"been shipped are lost", level="error")
     logged_lost = int(match.group(2))
     later = writer.write(200)  # audit.log goes on from its new start
     harness.wait_delivered(later, output, run=run)

@@ -124,7 +124,10 @@ class RotationDetection:
                 return
         lost = unread + partial
         self.stats.truncation_bytes_lost += lost
-        log.warning(
+        # A loss is an ERROR, once, with its size (counted: pyforward_truncation_lost_bytes_total); a truncation that
+        # came after we had read everything loses nothing.
+        log.log(
+            logging.ERROR if lost else logging.WARNING,
             "%s was truncated or rewritten (now %d bytes, we had read %d): %d bytes that had not been shipped "
             "are lost; reading it again from the start",
             src.path,
