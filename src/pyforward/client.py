@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import random
 import select
@@ -19,6 +20,7 @@ import traceback
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import TypeVar
 
 from pyforward.protocol import (
@@ -280,7 +282,7 @@ class ForwardClient:
             if self.config.shared_key is not None:
                 await asyncio.wait_for(self._handshake(reader, writer, decoder), self.config.handshake_timeout)
             self._set_connected(True)
-            sender = asyncio.get_running_loop().create_task(self._send_loop(writer))
+            sender = asyncio.get_running_loop().create_task(self._send_loop())
             self._writer = writer
             try:
                 await self._receive_loop(reader, decoder)
@@ -338,14 +340,18 @@ class ForwardClient:
                     raise ProtocolError(f"expected {name} from the receiver, got {type(event).__name__}")
                 return event
 
-    async def _send_loop(self, writer: asyncio.StreamWriter) -> None:
+    async def _send_loop(self) -> None:
+        # No local of this frame holds the writer: a write that fails keeps its callers' frames, this one included,
+        # and a coroutine's frame is not cleared (_clear_callers).
         window = self.config.window
         while True:
             while not self._pending or len(self._inflight) >= window:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            self._write(writer, self._pending.popleft())
-            await writer.drain()
+            if self._writer is None:  # (the connection is ending: it cancels this task)
+                return
+            self._write(self._writer, self._pending.popleft())
+            await self._writer.drain()
 
     def _write(self, writer: asyncio.StreamWriter, chunk: Chunk) -> None:
         first = not self._inflight
@@ -453,18 +459,41 @@ class ForwardClient:
 
 def _clear_frames(task: asyncio.Task[None] | None) -> None:
     """Drop the locals of the finished frames in the tracebacks of the error that ended `task` (and of the
-    errors it was raised from or during)."""
+    errors it was raised from or during), and of the finished callers of those frames."""
     if task is None or not task.done() or task.cancelled():
         return
     pending: list[BaseException | None] = [task.exception()]
     seen: set[int] = set()
+    frames: set[int] = set()
     while pending:
         exc = pending.pop()
         if exc is None or id(exc) in seen:
             continue
         seen.add(id(exc))
         traceback.clear_frames(exc.__traceback__)  # skips frames still running (this one's caller)
+        for frame, _ in traceback.walk_tb(exc.__traceback__):
+            _clear_callers(frame, frames)
         pending += [exc.__cause__, exc.__context__]
+
+
+_SUSPENDABLE = inspect.CO_COROUTINE | inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE
+
+
+def _clear_callers(frame: FrameType, done: set[int]) -> None:
+    """A frame kept by a traceback keeps its callers too (f_back), after they returned: a write that failed in
+    asyncio's socket transport (EPIPE, ECONNRESET: the receiver went while we did not read) keeps the frames of
+    StreamWriter.write (and of the TLS layer's writes), _write and submit, whose locals hold the writer, which
+    holds the reader, whose error holds the traceback: the same cycle as above, out of traceback.clear_frames'
+    reach (issue 11 item 5). Those callers are done; clearing stops at the first one still running, and before
+    any coroutine or generator (clearing a suspended one would close it)."""
+    caller = frame.f_back
+    while caller is not None and id(caller) not in done and not caller.f_code.co_flags & _SUSPENDABLE:
+        done.add(id(caller))
+        try:
+            caller.clear()
+        except RuntimeError:  # still running
+            return
+        caller = caller.f_back
 
 
 def _describe(exc: BaseException) -> str:

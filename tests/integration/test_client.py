@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import select
 import socket
 import ssl
 import struct
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from pyforward.certs import TLSFiles, TLSMaterial
 from pyforward.client import ClientConfig, ForwardClient, Stream
 from pyforward.protocol import (
     Chunk,
@@ -32,7 +34,7 @@ from pyforward.protocol import (
     make_pong,
     verify_ping,
 )
-from pyforward.transport import Destination, open_stream
+from pyforward.transport import Destination, open_stream, socket_transport
 from tests.conftest import CertFiles
 
 Handler = Callable[["Conn"], Awaitable[None]]
@@ -442,6 +444,79 @@ async def test_a_connection_reset_by_the_receiver_is_freed_at_once(tls: bool, ce
         assert sorted(acked) == [0, 1]
         assert client.stats.connects == 2, client.stats
         assert "reset" in client.stats.last_error.lower(), client.stats.last_error
+        reader, writer = streams[0]
+        assert reader() is None, "the first connection's StreamReader is still alive (cyclic garbage)"
+        assert writer() is None, "the first connection's StreamWriter is still alive (cyclic garbage)"
+    finally:
+        if enabled:
+            gc.enable()
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "mtls"])
+async def test_a_connection_that_fails_on_a_write_is_freed_at_once(tls: bool, certs: CertFiles) -> None:
+    """As above, but the connection dies on a write: the receiver resets it while the client does not read its
+    socket (a reset that comes between the loop's last look at the socket and a chunk written by submit), so that
+    the write is what fails (EPIPE/ECONNRESET inside asyncio's socket transport, under the TLS layer or not).
+    With automatic collection off, the first connection's reader and writer must be gone once the second
+    connection has acked everything."""
+    server_ctx = client_tls = None
+    if tls:
+        server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs.ca))
+        server_ctx.load_cert_chain(certs.server_cert, certs.server_key)
+        server_ctx.verify_mode = ssl.CERT_REQUIRED
+        files = TLSFiles(ca_file=certs.ca, cert_file=certs.client_cert, key_file=certs.client_key)
+        client_tls = TLSMaterial(files, purpose="client", name="receiver")
+        client_tls.load()
+    streams: list[tuple[weakref.ref[asyncio.StreamReader], weakref.ref[asyncio.StreamWriter]]] = []
+    go, reset = asyncio.Event(), asyncio.Event()
+
+    async def connect() -> Stream:
+        reader, writer = await open_stream(Destination(host="127.0.0.1", port=state.port, tls=client_tls))
+        streams.append((weakref.ref(reader), weakref.ref(writer)))
+        return reader, writer
+
+    async def handler(conn: Conn) -> None:
+        if state.connections == 1:
+            async for request in conn.requests():
+                conn.ack(request)
+                await conn.writer.drain()
+                await go.wait()
+                sock = conn.writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a RST
+                conn.writer.transport.abort()
+                await conn.writer.wait_closed()  # the socket is closed (the RST sent) before this returns
+                reset.set()
+                return
+        await acking(conn)
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        async with scripted(handler, server_ctx) as state:
+            acked: list[int] = []
+            client = ForwardClient(connect, fast_config(), on_ack=collect(acked))
+            client.start()
+            chunks = make_chunks(2)
+            client.submit(chunks[0])
+            assert await client.drain(10), f"not drained: {client.stats}"  # connected, its socket read to the end
+            first = streams[0][1]()
+            assert first is not None
+            raw = socket_transport(first)
+            assert raw is not None
+            raw.pause_reading()  # the loop no longer looks at the socket: the reset is found by the next write
+            hangup = select.poll()
+            hangup.register(raw.get_extra_info("socket").fileno(), select.POLLRDHUP | select.POLLHUP | select.POLLERR)
+            del first, raw
+            go.set()
+            await asyncio.wait_for(reset.wait(), 5)
+            assert hangup.poll(5000), "the receiver's reset did not come"
+            client.submit(chunks[1])  # written at once (connected, nothing queued): the write fails
+            assert await client.drain(10), f"not drained: {client.stats}"
+            await client.close()
+        assert sorted(acked) == [0, 1]
+        assert client.stats.connects == 2, client.stats
+        error = client.stats.last_error.lower()
+        assert "reset" in error or "broken pipe" in error, client.stats.last_error
         reader, writer = streams[0]
         assert reader() is None, "the first connection's StreamReader is still alive (cyclic garbage)"
         assert writer() is None, "the first connection's StreamWriter is still alive (cyclic garbage)"
