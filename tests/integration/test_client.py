@@ -11,7 +11,7 @@ import socket
 import ssl
 import struct
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -73,6 +73,12 @@ class Conn:
         assert request.chunk is not None
         self.writer.write(encode_ack(request.chunk))
 
+    def reset(self) -> None:
+        """Close with a RST (SO_LINGER 0), as a receiver killed with unread data does."""
+        sock = self.writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.writer.transport.abort()
+
 
 @dataclass
 class Scripted:
@@ -124,6 +130,18 @@ def collect(acked: list[int]) -> Callable[[Chunk, float], None]:
         acked.append(chunk.position)
 
     return on_ack
+
+
+@contextlib.contextmanager
+def gc_off() -> Iterator[None]:
+    """Reference counting only: what is cyclic garbage stays alive meanwhile, so that a test can see it."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def fast_config(**kw: object) -> ClientConfig:
@@ -424,15 +442,11 @@ async def test_a_connection_reset_by_the_receiver_is_freed_at_once(tls: bool, ce
     async def handler(conn: Conn) -> None:
         if state.connections == 1:
             await conn.next_events()
-            sock = conn.writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a RST
-            conn.writer.transport.abort()
+            conn.reset()
             return
         await acking(conn)
 
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_off():
         async with scripted(handler, server_ctx) as state:
             acked: list[int] = []
             client = ForwardClient(connect, fast_config(), on_ack=collect(acked))
@@ -447,9 +461,6 @@ async def test_a_connection_reset_by_the_receiver_is_freed_at_once(tls: bool, ce
         reader, writer = streams[0]
         assert reader() is None, "the first connection's StreamReader is still alive (cyclic garbage)"
         assert writer() is None, "the first connection's StreamWriter is still alive (cyclic garbage)"
-    finally:
-        if enabled:
-            gc.enable()
 
 
 @pytest.mark.parametrize("tls", [False, True], ids=["plain", "mtls"])
@@ -481,17 +492,13 @@ async def test_a_connection_that_fails_on_a_write_is_freed_at_once(tls: bool, ce
                 conn.ack(request)
                 await conn.writer.drain()
                 await go.wait()
-                sock = conn.writer.get_extra_info("socket")
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a RST
-                conn.writer.transport.abort()
+                conn.reset()
                 await conn.writer.wait_closed()  # the socket is closed (the RST sent) before this returns
                 reset.set()
                 return
         await acking(conn)
 
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_off():
         async with scripted(handler, server_ctx) as state:
             acked: list[int] = []
             client = ForwardClient(connect, fast_config(), on_ack=collect(acked))
@@ -520,9 +527,6 @@ async def test_a_connection_that_fails_on_a_write_is_freed_at_once(tls: bool, ce
         reader, writer = streams[0]
         assert reader() is None, "the first connection's StreamReader is still alive (cyclic garbage)"
         assert writer() is None, "the first connection's StreamWriter is still alive (cyclic garbage)"
-    finally:
-        if enabled:
-            gc.enable()
 
 
 async def test_ack_deadline_follows_the_oldest_unacked_chunk() -> None:
@@ -662,9 +666,7 @@ async def test_acks_held_when_the_receiver_goes_are_not_lost(close: str) -> None
             if state.connections == 1 and len(state.chunk_ids) == 3:
                 await conn.writer.drain()
                 if close == "reset":
-                    sock = conn.writer.get_extra_info("socket")
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    conn.writer.transport.abort()  # a reset, with the acks already sent
+                    conn.reset()  # with the acks already sent
                 else:
                     conn.writer.close()
                     await conn.writer.wait_closed()
