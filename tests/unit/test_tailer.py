@@ -12,10 +12,9 @@ import tempfile
 import textwrap
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -99,26 +98,6 @@ async def batches(tailer: Tailer, max_bytes: int) -> list[LineBatch]:
     while (batch := await tailer.read_batch(max_bytes)) is not None:
         out.append(batch)
     return out
-
-
-@pytest.fixture
-async def make_tailer() -> AsyncIterator[Callable[..., Tailer]]:
-    made: list[Tailer] = []
-
-    def make(path: Path, **kwargs: Any) -> Tailer:
-        kwargs.setdefault("start", None)
-        tailer = Tailer(path, **kwargs)
-        made.append(tailer)
-        return tailer
-
-    yield make
-    for tailer in made:
-        await tailer.close()
-
-
-@pytest.fixture
-def api(tmp_path: Path) -> Apiserver:
-    return Apiserver(tmp_path / "auditlog")
 
 
 # --- lines -------------------------------------------------------------------------------------------------

@@ -8,9 +8,10 @@ directory listing returns: the wrapped `scan.list_siblings` performs it once.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,24 +26,9 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-async def make_tailer() -> AsyncIterator[Callable[..., Tailer]]:
-    made: list[Tailer] = []
-
-    def make(path: Path, **kwargs: Any) -> Tailer:
-        kwargs.setdefault("start", None)
-        kwargs.setdefault("use_inotify", False)
-        tailer = Tailer(path, **kwargs)
-        made.append(tailer)
-        return tailer
-
-    yield make
-    for tailer in made:
-        await tailer.close()
-
-
-@pytest.fixture
-def api(tmp_path: Path) -> Apiserver:
-    return Apiserver(tmp_path / "auditlog")
+def make_tailer(make_tailer: Callable[..., Tailer]) -> Callable[..., Tailer]:
+    """conftest's, polling (use_inotify=False) unless a test asks for inotify."""
+    return functools.partial(make_tailer, use_inotify=False)
 
 
 def after_listing(monkeypatch: pytest.MonkeyPatch, action: Callable[[], object], *, call: int = 1) -> list[int]:
