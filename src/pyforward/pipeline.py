@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -46,14 +47,17 @@ log = logging.getLogger("pyforward.run")
 class ByteBudget:
     """Bound on source bytes in flight (submitted, not yet acked). One chunk always fits when nothing is in flight."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, on_wait: Callable[[], None] | None = None) -> None:
         self.limit = limit
         self.used = 0
         self.waiting = False  # a chunk waits for room
+        self._on_wait = on_wait  # called before each wait for room
         self._changed = asyncio.Event()
 
     async def acquire(self, size: int) -> None:
         while self.used and self.used + size > self.limit:
+            if self._on_wait is not None:
+                self._on_wait()
             self._changed.clear()
             self.waiting = True
             try:
@@ -111,7 +115,8 @@ class Pipeline:
             on_settled=self._checkpointed,
             on_task=lambda task: self.supervisor.watch("checkpoint", task),
         )
-        self.budget = ByteBudget(settings.max_inflight_bytes)
+        # The room comes from acks (and the checkpoint they move): a hold of the acks (steady rates) ends when it waits.
+        self.budget = ByteBudget(settings.max_inflight_bytes, on_wait=lambda: self.client.release_acks())
         self.proxy = proxy_from(settings)
         self.tls = tls_material(settings)
         self.discovery: Discovery | None = None
@@ -271,8 +276,6 @@ class Pipeline:
         settings = self.settings
         size = building.size
         in_thread = settings.compress == "gzip" and size > _INLINE_GZIP_BYTES
-        if self.budget.used + size > self.budget.limit:
-            self.client.release_acks()  # the room comes from acks (and the checkpoint they move)
         await self.budget.acquire(size)
         if in_thread:
             try:
