@@ -141,26 +141,19 @@ def _pack_default(obj: object) -> object:
     raise TypeError(f"cannot encode {type(obj).__name__} as msgpack")
 
 
-#: The buffer a fresh Packer starts with (it grows as needed). msgpack's default, 256 KiB, is above glibc's mmap
-#: threshold (memory.py): an mmap, page faults and an munmap for the few bytes of every chunk's options (issue 11).
-_SMALL_PACK_BUFFER = 1024
+#: A fresh Packer per call (thread-safe) whose buffer starts at 1 KiB and grows as needed: msgpack's default, 256 KiB,
+#: is above glibc's mmap threshold (memory.py): an mmap, page faults and an munmap for the few bytes of every chunk's
+#: options (issue 11).
+_PACKB_OPTIONS: dict[str, Any] = {"use_bin_type": True, "default": _pack_default, "buf_size": 1024}
 
 
 def _packb(obj: object) -> bytes:
-    """Pack a small, non-hot-path value (options, one record). A fresh Packer keeps this thread-safe."""
+    """Pack a small, non-hot-path value (options, one record)."""
     try:
-        return msgpack.packb(  # type: ignore[no-any-return]
-            obj, use_bin_type=True, default=_pack_default, buf_size=_SMALL_PACK_BUFFER
-        )
+        return msgpack.packb(obj, **_PACKB_OPTIONS)  # type: ignore[no-any-return]
     except UnicodeEncodeError:
         # Strings decoded from a peer with surrogateescape carry their original (invalid UTF-8) bytes.
-        return msgpack.packb(  # type: ignore[no-any-return]
-            obj,
-            use_bin_type=True,
-            default=_pack_default,
-            unicode_errors="surrogateescape",
-            buf_size=_SMALL_PACK_BUFFER,
-        )
+        return msgpack.packb(obj, **_PACKB_OPTIONS, unicode_errors="surrogateescape")  # type: ignore[no-any-return]
 
 
 def _str_header(n: int) -> bytes:
@@ -311,7 +304,7 @@ def encode_compressed_packed_forward(tag: str, gzipped: bytes, options: Mapping[
 
 
 def _igzip() -> Any:
-    """python-isal's igzip_lib (ISA-L), when installed (the `fast` extra); else None."""
+    """python-isal's igzip_lib (ISA-L), when installed (a dependency on x86_64 and aarch64); else None."""
     try:
         return importlib.import_module("isal.igzip_lib")
     except ImportError:
