@@ -1,6 +1,6 @@
 """`pyforward receive` (receiver.py) over real sockets, real TLS and real files.
 
-Most tests run the Receiver in-process and talk to it with a raw client built from protocol.py's encoders, so
+Most tests run the Receiver in-process and talk to it with a raw client built from pyforward.protocol's encoders, so
 that every byte on the wire is under the test's control (bad peers included). The CLI tests run
 `python -m pyforward receive` as a real process.
 """
@@ -449,7 +449,7 @@ async def test_write_error_means_no_ack(tmp_path: Path) -> None:
 async def test_failed_write_half_way_leaves_no_partial_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import errno
 
-    from pyforward import receiver as receiver_module
+    from pyforward.receiver import output as receiver_module
 
     real_write = receiver_module._os_write
     calls = 0
@@ -500,7 +500,7 @@ async def test_close_lets_a_request_being_written_finish_and_ack(
 ) -> None:
     import threading
 
-    from pyforward import receiver as receiver_module
+    from pyforward.receiver import output as receiver_module
 
     started, release = threading.Event(), threading.Event()
     original = receiver_module._Writer._write

@@ -1,0 +1,5 @@
+"""``python -m pyforward.auditgen``: see `pyforward.auditgen.cli`."""
+
+from pyforward.auditgen.cli import main
+
+raise SystemExit(main())
