@@ -230,7 +230,7 @@ def steady_cpu(result: dict[str, Any]) -> Figure | None:
     steady = result["steady"]
     ax.set_title(
         "Steady rates: the shipper's CPU share of a core (%)\n"
-        f"utime + stime of all threads over a {steady.get('window_s', 0):g} s window after "
+        f"CPU time of all threads over a {steady.get('window_s', 0):g} s window after "
         f"{steady.get('warmup_s', 0):g} s of warm-up, one shipper per rate",
         fontsize=10,
     )

@@ -269,7 +269,7 @@ class CheckpointWriter:
 
     Acks can arrive thousands of times a second; each save costs two fsyncs and a few thread round trips. Only the
     newest position matters, so updates are coalesced: one write now and then carries the newest position. At steady
-    rates a write per chunk was a large share of the sidecar's CPU (issue 11), hence `interval` (1 s by default,
+    rates a write per chunk was a large share of the sidecar's CPU (issue 11), hence `interval` (2 s by default,
     PYFORWARD_CHECKPOINT_INTERVAL): what a crash can make us send again grows by what was acked in that time, and the
     pipeline bounds it anyway (its in-flight budget is freed only by a settled write; when that budget runs short it
     asks for an `urgent` write, which skips the wait). `flush` and `close` write at once.

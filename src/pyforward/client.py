@@ -54,7 +54,7 @@ class ClientConfig:
     username: str = ""
     password: str = ""
     hostname: str = "localhost"
-    window: int = 16
+    window: int = 32
     ack_timeout: float = 30.0
     handshake_timeout: float = 10.0
     backoff_initial: float = 0.5

@@ -92,7 +92,7 @@ class Settings(BaseSettings):
         json_schema_extra=_group("input"),
     )
     checkpoint_interval: float = Field(
-        1.0,
+        2.0,
         ge=0,
         description="Seconds between two checkpoint writes at most (each is two fsyncs); sooner when the in-flight "
         "budget runs short or a chunk's worth of acked lines is unsaved, and always on shutdown. A crash re-sends "
@@ -135,7 +135,7 @@ class Settings(BaseSettings):
         10_000, ge=1, description="Records per chunk.", json_schema_extra=_group("records")
     )
     flush_interval: float = Field(
-        0.075,
+        0.09,
         ge=0,
         description="Latency budget: the longest a line waits for its chunk to fill once the log is caught up (a "
         "line after a quiet spell leaves at once). Longer: fewer, larger chunks, less CPU at steady rates.",
@@ -155,7 +155,7 @@ class Settings(BaseSettings):
         json_schema_extra=_group("records"),
     )
     window: int = Field(
-        16,
+        32,
         ge=1,
         le=1024,
         description="Chunks on the wire awaiting their ack. At steady rates acks are read about once per "
