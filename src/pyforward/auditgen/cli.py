@@ -9,8 +9,6 @@ from pathlib import Path
 
 from pyforward.auditgen.events import generate_events
 
-# ------------------------------------------------------------------------------------------ CLI
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
@@ -38,4 +36,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         total += len(data)
     print(f"auditgen: wrote {args.count} events ({total} bytes) to {args.out}", file=sys.stderr)
     return 0
-

@@ -18,9 +18,6 @@ DEFAULT_RATE: Final = 1000.0
 RR_EVERY: Final = 50
 
 
-# ------------------------------------------------------------------------------------------ generator
-
-
 def generate_events(
     count: int,
     *,

@@ -15,8 +15,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final
 
-# ------------------------------------------------------------------------------------------ rotation
-
 _BACKUP_FORMAT: Final = "%Y-%m-%dT%H-%M-%S.%f"  # lumberjack's backupTimeFormat "2006-01-02T15-04-05.000"
 _EPOCH_NAIVE: Final = datetime(1970, 1, 1)
 

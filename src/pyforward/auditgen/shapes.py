@@ -13,8 +13,6 @@ import orjson
 _HOLES: Final = ("aid", "rts", "sts", "rv", "sfx")
 _HOLE_RE: Final = re.compile(rb"@@(" + b"|".join(h.encode() for h in _HOLES) + rb")@@")
 
-# ------------------------------------------------------------------------------------------ pools
-
 _K8S_VERSION = "v1.31.3"
 _K8S_COMMIT = "c83cbee"
 _NODES = [f"ip-10-0-{i // 8}-{17 + i * 13 % 200}.eu-central-1.compute.internal" for i in range(12)]

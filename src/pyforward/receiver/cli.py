@@ -18,8 +18,6 @@ from pyforward.receiver.config import ENV_SHARED_KEY, ENV_USERS, ReceiverConfig,
 from pyforward.receiver.output import OutputError, _reason
 from pyforward.receiver.server import Receiver
 
-# ----------------------------------------------------------------------------------------------- CLI
-
 
 def _bind(value: str) -> tuple[str, int]:
     host, sep, port_text = value.rpartition(":")

@@ -22,8 +22,6 @@ from pyforward.protocol import (
 from pyforward.receiver.config import OutputFormat, log
 from pyforward.records import to_json_line
 
-# ----------------------------------------------------------------------------------------------- output
-
 
 class _Writer:
     """Serialises writes of all connections; each ``submit`` resolves once its bytes are written and flushed.
