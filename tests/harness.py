@@ -98,6 +98,18 @@ def _proc_state(pid: int) -> str:
     return stat[stat.rfind(")") + 2 :].split(" ", 1)[0]
 
 
+def _catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for ``signum`` (SigCgt in /proc/PID/status); False once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    for line in status.splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
 # ------------------------------------------------------------------------------------------------ waiting
 
 
@@ -498,9 +510,17 @@ class RunProcess:
         return code
 
     def terminate(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM and wait for the exit code (SIGKILL after ``timeout``)."""
+        """SIGTERM and wait for the exit code (SIGKILL after ``timeout``).
+
+        Waits first until the process handles SIGTERM (pyforward.__main__ installs a handler before the heavy
+        imports): a SIGTERM while the interpreter itself starts (~30 ms) ends any Python program by the signal,
+        and a test that stops a run it has just started (its events were delivered by the previous one) must not
+        depend on how fast the interpreter starts."""
         assert self.proc is not None
-        return _stop_proc(self.proc, signal.SIGTERM, timeout)
+        proc = self.proc
+        wait_for(lambda: proc.poll() is not None or _catches(proc.pid, signal.SIGTERM), START_TIMEOUT,
+                 what="pyforward run to handle SIGTERM", diagnostics=self.tail)
+        return _stop_proc(proc, signal.SIGTERM, timeout)
 
     def kill(self) -> int:
         assert self.proc is not None

@@ -133,6 +133,7 @@ def _run_async(main: Coroutine[Any, Any, int]) -> int:
 
 
 def _install_stop(stop: asyncio.Event) -> None:
+    """SIGTERM/SIGINT set `stop` (a clean stop); replaces the start-up handler of `pyforward.__main__`."""
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)

@@ -1,10 +1,14 @@
 """`pyforward run` start-up, end to end: bad settings and checkpoints stop it with exit code 2 and one line before
-anything starts; without a checkpoint, PYFORWARD_START_AT=tail starts at the end of the log."""
+anything starts; without a checkpoint, PYFORWARD_START_AT=tail starts at the end of the log; a SIGTERM during
+start-up ends it cleanly."""
 
 from __future__ import annotations
 
 import json
+import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import pytest
@@ -135,3 +139,37 @@ def test_start_at_tail_waits_for_a_missing_log(harness: Harness) -> None:
     harness.wait_delivered(writer.write(200), output, run=run)
     assert run.terminate() == 0
     assert_delivered(writer.ids, output.refresh())
+
+
+# ------------------------------------------------------------------------------------------------ SIGTERM
+# A SIGTERM sent to the process while it imports the settings (pydantic), i.e. after the entry point ran and before
+# the asyncio loop handles signals: an import hook sends it, so the moment is exact, not raced.
+_SIGTERM_DURING_IMPORTS = """
+import os, signal, sys
+class Hook:
+    def find_spec(self, name, path=None, target=None):
+        if name == "pyforward.settings":
+            os.kill(os.getpid(), signal.SIGTERM)
+        return None
+sys.meta_path.insert(0, Hook())
+sys.argv = ["pyforward", *sys.argv[1:]]
+from pyforward.__main__ import main
+raise SystemExit(main())
+"""
+
+
+@pytest.mark.parametrize(("command", "code"), [("run", 0), ("check", -signal.SIGTERM)])
+def test_sigterm_during_startup_ends_run_cleanly(harness: Harness, command: str, code: int) -> None:
+    """`run` is a daemon: a SIGTERM before its loop handles signals ends it at once with status 0 and one line
+    (nothing was read: no checkpoint is written, nothing connects). Other commands keep the default: ended by the
+    signal."""
+    receiver = harness.receiver("plain")
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_DURING_IMPORTS, command],
+        env=harness.run_env(receiver), capture_output=True, timeout=60, cwd=harness.root,
+    )
+    assert proc.returncode == code, proc.stderr.decode()
+    if command == "run":
+        assert one_line(proc.stderr.decode()) == (
+            "pyforward run: stopped by SIGTERM before start-up finished; nothing was read")
+        assert not harness.checkpoint_path.exists()
