@@ -159,17 +159,19 @@ raise SystemExit(main())
 
 
 @pytest.mark.parametrize(("command", "code"), [("run", 0), ("check", -signal.SIGTERM)])
-def test_sigterm_during_startup_ends_run_cleanly(harness: Harness, command: str, code: int) -> None:
+def test_sigterm_during_startup_ends_run_cleanly(
+    harness: Harness, listener: socket.socket, command: str, code: int
+) -> None:
     """`run` is a daemon: a SIGTERM before its loop handles signals ends it at once with status 0 and one line
     (nothing was read: no checkpoint is written, nothing connects). Other commands keep the default: ended by the
     signal."""
-    receiver = harness.receiver("plain")
+    harness.audit_log().write(10)
     proc = subprocess.run(
         [sys.executable, "-c", _SIGTERM_DURING_IMPORTS, command],
-        env=harness.run_env(receiver), capture_output=True, timeout=60, cwd=harness.root,
+        env=harness.run_env(port=listener.getsockname()[1]), capture_output=True, timeout=60, cwd=harness.root,
     )
     assert proc.returncode == code, proc.stderr.decode()
     if command == "run":
         assert one_line(proc.stderr.decode()) == (
             "pyforward run: stopped by SIGTERM before start-up finished; nothing was read")
-        assert not harness.checkpoint_path.exists()
+        assert_nothing_started(harness, listener)
