@@ -19,6 +19,9 @@ backlog     a ~1 GB log (small: 48 MB) already there, a sink that acks every req
 steady      a sidecar's everyday life (issue 11): events appended at 0, 100 and 1,000 events/s, one write(2)
             per event paced by absolute deadlines, one `pyforward run` per rate; after a warm-up, over a
             window: the shipper's CPU share of a core, its RSS (VmRSS, VmHWM) and append->ack p50/p99/max.
+steady-floor  the same, with bench/floor_shipper.py in place of `pyforward run`: the least a shipper does per
+            chunk (wake, read, encode, gzip, TLS write) in the plainest asyncio loop, no acks read, no
+            checkpoint. Its CPU is the floor that steady's CPU is shown against (steady_*_of_floor).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ ROOT = Path(__file__).resolve().parent.parent
 #: that an editable install pointing elsewhere (another checkout) is not what gets measured.
 SRC = ROOT / "src"
 SINK = Path(__file__).resolve().parent / "sink.py"
+FLOOR_SHIPPER = Path(__file__).resolve().parent / "floor_shipper.py"
 RESULTS = Path(__file__).resolve().parent / "results"
 SEED = 20261126
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -77,7 +81,7 @@ TARGETS: dict[str, tuple[str, float]] = {
 #: Optional modules `pyforward run` must not import unless configured to use them.
 HEAVY_OPTIONAL = ("kubernetes_asyncio", "prometheus_client", "tqdm", "aiofiles", "uvloop")
 
-SCENARIOS = {"floor", "throughput", "latency", "backlog", "steady", "soak"}
+SCENARIOS = {"floor", "throughput", "latency", "backlog", "steady", "steady-floor", "soak"}
 
 
 @dataclass(frozen=True)
@@ -215,9 +219,12 @@ class Sink:
 
 
 class Shipper:
-    """`pyforward run` with a clean PYFORWARD_* environment pointing at the sink."""
+    """`pyforward run` (or `program`: bench/floor_shipper.py) with a clean PYFORWARD_* environment pointing at the
+    sink."""
 
-    def __init__(self, certs: Any, log_path: Path, workdir: Path, port: int, extra: dict[str, str]) -> None:
+    def __init__(
+        self, certs: Any, log_path: Path, workdir: Path, port: int, extra: dict[str, str], program: Path | None = None
+    ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYFORWARD_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
         env.update(
@@ -239,7 +246,8 @@ class Shipper:
         )
         env.update(extra)
         self.started = time.time()
-        self.proc = subprocess.Popen([sys.executable, "-m", "pyforward", "run"], env=env, cwd=workdir)
+        argv = [str(program)] if program is not None else ["-m", "pyforward", "run"]
+        self.proc = subprocess.Popen([sys.executable, *argv], env=env, cwd=workdir)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -569,12 +577,15 @@ def rate_label(rate: float) -> str:
     return "idle" if rate == 0 else f"{rate:g}"
 
 
-def steady_rate(ctx: Context, rate: float, warmup: float, window: float) -> tuple[dict[str, float], dict[str, Any]]:
+def steady_rate(
+    ctx: Context, rate: float, warmup: float, window: float, *, floor: bool = False
+) -> tuple[dict[str, float], dict[str, Any]]:
     """One `pyforward run` (default settings, mTLS + acks + gzip) and one rate: events appended one write
-    each for `warmup` + `window` seconds; CPU, RSS and append->ack latency over the window."""
+    each for `warmup` + `window` seconds; CPU, RSS and append->ack latency over the window. `floor`: the same with
+    bench/floor_shipper.py in its place; the figures are named steady_{rate}_floor_*."""
     from pyforward.auditgen import audit_id, generate_events
 
-    label = rate_label(rate)
+    label = rate_label(rate) + ("_floor" if floor else "")
     directory = ctx.workdir / f"steady-{label}-{time.monotonic_ns()}"
     directory.mkdir()
     log_path = directory / "audit.log"
@@ -585,7 +596,9 @@ def steady_rate(ctx: Context, rate: float, warmup: float, window: float) -> tupl
     lines = [*generate_events(int(rate * (warmup + window)), seed=SEED + 4, id_prefix=f"steady-{label}-")]
     ids_file = directory / "acked.txt"
     sink = Sink(ctx.certs, ctx.workdir, expect=len(primer) + len(lines), ids=ids_file)
-    shipper = Shipper(ctx.certs, log_path, ctx.workdir, sink.port, ctx.extra_env)
+    shipper = Shipper(
+        ctx.certs, log_path, ctx.workdir, sink.port, ctx.extra_env, program=FLOOR_SHIPPER if floor else None
+    )
     sampler: Sampler | None = None
     try:
         fd = os.open(log_path, os.O_WRONLY | os.O_APPEND)
@@ -646,6 +659,18 @@ def steady_rate(ctx: Context, rate: float, warmup: float, window: float) -> tupl
         ],
     }
     return figures, detail
+
+
+def steady_floor(ctx: Context, rates: list[float], warmup: float, window: float) -> dict[str, float]:
+    """steady_rate of bench/floor_shipper.py for each rate: steady_{rate}_floor_cpu and _p99_ms."""
+    figures: dict[str, float] = {}
+    for rate in rates:
+        one, _ = steady_rate(ctx, rate, warmup, window, floor=True)
+        label = rate_label(rate)
+        for figure in ("cpu", "p99_ms"):
+            if f"steady_{label}_floor_{figure}" in one:
+                figures[f"steady_{label}_floor_{figure}"] = one[f"steady_{label}_floor_{figure}"]
+    return figures
 
 
 def steady(ctx: Context, rates: list[float], warmup: float, window: float) -> tuple[dict[str, float], dict[str, Any]]:
@@ -928,6 +953,9 @@ def steady_rows(label: str) -> list[tuple[str, str, str]]:
         (f"steady_{label}_p50_ms", "  append->ack p50 (ms)", "{:.1f}"),
         (f"steady_{label}_p99_ms", "  append->ack p99 (ms)", "{:.1f}"),
         (f"steady_{label}_max_ms", "  append->ack max (ms)", "{:.1f}"),
+        (f"steady_{label}_floor_cpu", "  floor shipper's CPU (steady-floor)", "{:.2%}"),
+        (f"steady_{label}_floor_p99_ms", "  floor shipper's append->ack p99 (ms)", "{:.1f}"),
+        (f"steady_{label}_of_floor", "  pyforward's CPU / the floor's", "{:.2f}"),
     ]
 
 
@@ -1028,8 +1056,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--soak-step", type=float, default=None, help="soak: seconds between RSS samples (5; 1 <2min)")
     parser.add_argument(
         "--only",
-        default="floor,throughput,latency,backlog,steady",
-        help="comma-separated scenarios to run (floor, throughput, latency, backlog, steady; soak: only if named)",
+        default="floor,throughput,latency,backlog,steady,steady-floor",
+        help="comma-separated scenarios to run (floor, throughput, latency, backlog, steady, steady-floor; soak: only "
+        "if named)",
     )
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="extra env for pyforward run")
     parser.add_argument(
@@ -1105,6 +1134,13 @@ def main(argv: list[str] | None = None) -> int:
                 steady_figures, detail = steady(ctx, steady_rates, steady_warmup, steady_seconds)
                 figures.update(steady_figures)
                 steady_detail.append(detail)
+            if "steady-floor" in only:
+                figures.update(steady_floor(ctx, steady_rates, steady_warmup, steady_seconds))
+                for rate in steady_rates:
+                    label = rate_label(rate)
+                    mine, least = figures.get(f"steady_{label}_cpu"), figures.get(f"steady_{label}_floor_cpu")
+                    if mine is not None and least:
+                        figures[f"steady_{label}_of_floor"] = mine / least
             if "soak" in only:
                 soak_figures, detail = soak(
                     ctx,

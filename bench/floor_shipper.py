@@ -1,0 +1,73 @@
+"""The steady scenario's floor: the least a shipper must do per chunk, in the plainest asyncio loop.
+
+Every `flush_interval` it wakes, reads what the log grew by (fstat + pread + the 4 KiB head pread that notices a
+copy-truncate), cuts complete lines, turns each into a Forward entry with pyforward's own EntryEncoder, builds one
+gzip'ed CompressedPackedForward chunk with pyforward's own build_chunk, writes it to the TLS connection, and stats
+the log's path (a rotation check). That is all: no acks read, no checkpoint, no retry, no rotation handling, no
+supervision, no metrics. Not a shipper anyone should run; a lower bound that `pyforward run`'s steady CPU is shown
+against (bench/README.md, "steady: the floor"), measured by the same harness with the same events, sink and
+certificates. Configured by the environment `bench.run.Shipper` gives `pyforward run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import ssl
+
+from pyforward.protocol import EventTime, build_chunk
+from pyforward.records import EntryEncoder, RecordParser
+from pyforward.settings import Settings, load_settings
+
+
+async def ship(settings: Settings) -> None:
+    context = ssl.create_default_context(cafile=str(settings.tls_ca_file))
+    context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
+    _, writer = await asyncio.open_connection(
+        settings.host, settings.port, ssl=context, server_hostname=settings.effective_server_name
+    )
+    fd = os.open(settings.log_path, os.O_RDONLY)
+    head = os.pread(fd, 4096, 0)
+    encode = EntryEncoder(RecordParser(time_key=settings.time_key)).encode
+    compress = settings.compress == "gzip"
+    offset = seq = 0
+    while True:
+        await asyncio.sleep(settings.flush_interval)
+        size = os.fstat(fd).st_size
+        if size <= offset:
+            continue
+        data = os.pread(fd, size - offset, offset)
+        if len(head) < 4096:
+            head = os.pread(fd, 4096, 0)
+        elif os.pread(fd, len(head), 0) != head:
+            raise SystemExit("floor shipper: the log was truncated (not handled here)")
+        end = data.rfind(b"\n")
+        if end < 0:
+            continue
+        now = EventTime.now()
+        entries = [encode(line, now) for line in data[:end].split(b"\n")]
+        offset += end + 1
+        chunk = build_chunk(
+            settings.tag, b"".join(entries), len(entries), size=end + 1, compress=compress, position=seq
+        )
+        seq += 1
+        writer.write(chunk.payload)
+        os.stat(settings.log_path)
+
+
+def main() -> None:
+    settings = load_settings()
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(ship(settings))
+    loop.add_signal_handler(signal.SIGTERM, task.cancel)
+    try:
+        loop.run_until_complete(task)
+    except asyncio.CancelledError:
+        pass
+    finally:
+        loop.close()
+
+
+if __name__ == "__main__":
+    main()
