@@ -3,10 +3,12 @@
 Every `flush_interval` it wakes, reads what the log grew by (fstat + pread + the 4 KiB head pread that notices a
 copy-truncate), cuts complete lines, turns each into a Forward entry with pyforward's own EntryEncoder, builds one
 gzip'ed CompressedPackedForward chunk with pyforward's own build_chunk, writes it to the TLS connection, and stats
-the log's path (a rotation check). That is all: no acks read, no checkpoint, no retry, no rotation handling, no
-supervision, no metrics. Not a shipper anyone should run; a lower bound that `pyforward run`'s steady CPU is shown
-against (bench/README.md, "steady: the floor"), measured by the same harness with the same events, sink and
-certificates. Configured by the environment `bench.run.Shipper` gives `pyforward run`.
+the log's path (a rotation check). That is all: no acks read (the socket is not watched, so they wait in the kernel,
+as they do in `pyforward run` between its reads of held acks; fine for a window of minutes, not hours), no
+checkpoint, no retry, no rotation handling, no supervision, no metrics. Not a shipper anyone should run: a lower
+bound that `pyforward run`'s steady CPU is shown against (bench/README.md, "steady: the floor"), measured by the
+same harness with the same events, sink and certificates. Configured by the environment `bench.run.Shipper` gives
+`pyforward run`.
 """
 
 from __future__ import annotations
@@ -14,19 +16,25 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import ssl
 
+from pyforward.connection import tls_material
 from pyforward.protocol import EventTime, build_chunk
 from pyforward.records import EntryEncoder, RecordParser
 from pyforward.settings import Settings, load_settings
+from pyforward.transport import Destination, open_stream, socket_transport
 
 
 async def ship(settings: Settings) -> None:
-    context = ssl.create_default_context(cafile=str(settings.tls_ca_file))
-    context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
-    _, writer = await asyncio.open_connection(
-        settings.host, settings.port, ssl=context, server_hostname=settings.effective_server_name
+    tls = tls_material(settings)
+    assert tls is not None, "the floor shipper speaks TLS only (as the steady scenario does)"
+    tls.load()
+    destination = Destination(
+        host=str(settings.host), port=settings.port, tls=tls, server_name=settings.effective_server_name
     )
+    _, writer = await open_stream(destination)  # pyforward's own TLS transport, as `pyforward run` has it
+    raw = socket_transport(writer)
+    assert raw is not None
+    raw.pause_reading()  # no wakeup per ack
     fd = os.open(settings.log_path, os.O_RDONLY)
     head = os.pread(fd, 4096, 0)
     encode = EntryEncoder(RecordParser(time_key=settings.time_key)).encode
