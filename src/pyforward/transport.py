@@ -528,12 +528,34 @@ class _Opener:
             self.protocol.buffer.clear()
         writer = asyncio.StreamWriter(transport, protocol, reader, self.loop)
         _SOCKET_TRANSPORTS[writer] = self.transports[0]
+        for layer in self.transports[1:]:
+            _small_tls_reads(layer)
         return reader, writer
 
 
 #: The transport on the socket itself, under any TLS layers (pausing a TLS transport's reading stops only the delivery
 #: to its protocol; the socket would still wake the loop).
 _SOCKET_TRANSPORTS: weakref.WeakKeyDictionary[asyncio.StreamWriter, asyncio.Transport] = weakref.WeakKeyDictionary()
+
+
+#: Plaintext asked of OpenSSL per read on a TLS connection: one record's worth (RFC 8446 §5.1: at most 2^14 bytes),
+#: which is all SSL_read returns at a time anyway.
+TLS_READ_BYTES = 1 << 14
+
+
+def _small_tls_reads(transport: asyncio.BaseTransport) -> None:
+    """Have asyncio's TLS layer read a record at a time into a small buffer instead of 256 KiB.
+
+    asyncio's SSLProtocol (3.11+) reads with ``SSLObject.read(max_size)``, max_size 256 KiB: every read allocates 256
+    KiB, which glibc serves with mmap (above the mmap threshold that pyforward/memory.py pins at 128 KiB) and gives
+    back with mremap + munmap, each a TLB shootdown on the other CPU. That was per ack record: ~11 a second at steady
+    rates, and the largest part of reading the held acks (issue 11). SSL_read returns at most one record, so the
+    reads and what they return are the same; only the allocation changes. The attribute is private: where it is not
+    there (another asyncio), nothing is changed.
+    """
+    protocol = getattr(transport, "_ssl_protocol", None)
+    if protocol is not None and isinstance(getattr(protocol, "max_size", None), int):
+        protocol.max_size = TLS_READ_BYTES
 
 
 def socket_transport(writer: asyncio.StreamWriter) -> asyncio.Transport | None:

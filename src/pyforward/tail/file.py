@@ -153,7 +153,9 @@ class ReadResult:
     error: str | None = None  # a .gz that cannot be decompressed further
 
 
-def read_plain(fd: int, offset: int, n: int, head: bytes | None, size: int | None = None) -> ReadResult:
+def read_plain(
+    fd: int, offset: int, n: int, head: bytes | bytearray | None, size: int | None = None
+) -> ReadResult:
     """Read up to n bytes at offset (`size`: the file's size if the caller has just taken it). With `head` (a file
     still written to), make sure the file was not truncated or rewritten: its size must not be below offset, and after
     a read it must still start with the bytes we read from it earlier (copy-truncate may refill past our offset before

@@ -95,6 +95,9 @@ class _Problems:
         if self._active.pop(key, None) is not None and message:
             log.info(message)
 
+    def __contains__(self, key: str) -> bool:
+        return key in self._active
+
 
 # ---------------------------------------------------------------------------------------------------------
 # The tailer
@@ -197,7 +200,8 @@ class Tailer(StartResolution, RotationDetection):
                 self._unfinished = batch
             raise
         else:
-            self._problems.clear("io", f"reading {self._path} works again")
+            if "io" in self._problems:  # (the message is built only then: this runs for every batch)
+                self._problems.clear("io", f"reading {self._path} works again")
         if not batch.lines:
             return None
         assert batch.end is not None
@@ -207,7 +211,8 @@ class Tailer(StartResolution, RotationDetection):
         self.stats.lines += len(batch.lines)
         self.stats.bytes += size
         self.stats.truncated_lines += len(batch.truncated)
-        self.stats.long_line_bytes_dropped += sum(n - max_line for _, n in batch.truncated)
+        if batch.truncated:
+            self.stats.long_line_bytes_dropped += sum(n - max_line for _, n in batch.truncated)
         return LineBatch(
             lines=batch.lines, end=batch.end, size=size, truncated=batch.truncated, caught_up=batch.caught_up
         )
@@ -376,13 +381,13 @@ class Tailer(StartResolution, RotationDetection):
             # events/s), a moment ago (page cache): reading it on the loop costs tens of microseconds, a worker thread
             # round trip ~0.1 ms of CPU and two wakeups, per read, which made most of the cost at steady rates (issue
             # 11). A backlog is still read in a thread, 1 MiB at a time.
-            head = None if src.complete else bytes(src.head)
+            live_head = None if src.complete else src.head  # (no copy: read here, nothing changes it meanwhile)
             try:
                 size = os.fstat(src.fd).st_size
             except OSError:
                 size = src.read_off + _INLINE_READ_BYTES + 1  # let the thread's read raise it as before
             if size - src.read_off <= _INLINE_READ_BYTES:
-                return read_plain(src.fd, src.read_off, self._read_size, head, size)
+                return read_plain(src.fd, src.read_off, self._read_size, live_head, size)
         if fut is None:
             if src.gz is not None:
                 fut = asyncio.ensure_future(asyncio.to_thread(read_gz, src.gz, self._read_size))
