@@ -435,6 +435,7 @@ class _Opener:
             raise TransportError(step, f"TLS to {what} failed{named}: {reason}") from None
         if transport is None:  # pragma: no cover - only when the transport was closed meanwhile
             raise TransportError(step, f"TLS to {what} failed: connection closed during the handshake")
+        _small_tls_reads(transport)
         self.transports.append(transport)
         self._done(_tls_summary(transport.get_extra_info("ssl_object")))
 
@@ -528,8 +529,6 @@ class _Opener:
             self.protocol.buffer.clear()
         writer = asyncio.StreamWriter(transport, protocol, reader, self.loop)
         _SOCKET_TRANSPORTS[writer] = self.transports[0]
-        for layer in self.transports[1:]:
-            _small_tls_reads(layer)
         return reader, writer
 
 
