@@ -1,14 +1,14 @@
 """The steady scenario's floor: the least a shipper must do per chunk, in the plainest asyncio loop.
 
-Every `flush_interval` it wakes, reads what the log grew by (fstat + pread + the 4 KiB head pread that notices a
-copy-truncate), cuts complete lines, turns each into a Forward entry with pyforward's own EntryEncoder, builds one
-gzip'ed CompressedPackedForward chunk with pyforward's own build_chunk, writes it to the TLS connection, and stats
-the log's path (a rotation check). That is all: no acks read (the socket is not watched, so they wait in the kernel,
-as they do in `pyforward run` between its reads of held acks; fine for a window of minutes, not hours), no
-checkpoint, no retry, no rotation handling, no supervision, no metrics. Not a shipper anyone should run: a lower
-bound that `pyforward run`'s steady CPU is shown against (bench/README.md, "steady: the floor"), measured by the
-same harness with the same events, sink and certificates. Configured by the environment `bench.run.Shipper` gives
-`pyforward run`.
+Every `flush_interval` it wakes, reads what the log grew by with the tailer's own read_plain (fstat + pread + the
+4 KiB head pread that notices a copy-truncate), cuts complete lines, turns each into a Forward entry with pyforward's
+own EntryEncoder, builds one gzip'ed CompressedPackedForward chunk with pyforward's own build_chunk, writes it to the
+TLS connection, and stats the log's path (a rotation check). That is all: no acks read (the socket is not watched,
+so they wait in the kernel, as they do in `pyforward run` between its reads of held acks; fine for a window of
+minutes, not hours), no checkpoint, no retry, no rotation handling, no supervision, no metrics. Not a shipper anyone
+should run: a lower bound that `pyforward run`'s steady CPU is shown against (bench/README.md, "steady: the floor"),
+measured by the same harness with the same events, sink and certificates. Configured by the environment
+`bench.run.Shipper` gives `pyforward run`.
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import asyncio
 import os
 import signal
 
+from pyforward.checkpoint import FINGERPRINT_BYTES
 from pyforward.connection import tls_material
 from pyforward.protocol import EventTime, build_chunk
 from pyforward.records import EntryEncoder, RecordParser
 from pyforward.settings import Settings, load_settings
+from pyforward.tail.file import read_plain
 from pyforward.transport import Destination, open_stream, socket_transport
 
 
@@ -36,7 +38,7 @@ async def ship(settings: Settings) -> None:
     assert raw is not None
     raw.pause_reading()  # no wakeup per ack
     fd = os.open(settings.log_path, os.O_RDONLY)
-    head = os.pread(fd, 4096, 0)
+    head = os.pread(fd, FINGERPRINT_BYTES, 0)
     encode = EntryEncoder(RecordParser(time_key=settings.time_key)).encode
     compress = settings.compress == "gzip"
     offset = seq = 0
@@ -45,11 +47,12 @@ async def ship(settings: Settings) -> None:
         size = os.fstat(fd).st_size
         if size <= offset:
             continue
-        data = os.pread(fd, size - offset, offset)
-        if len(head) < 4096:
-            head = os.pread(fd, 4096, 0)
-        elif os.pread(fd, len(head), 0) != head:
+        result = read_plain(fd, offset, size - offset, head, size)
+        if result.truncated:
             raise SystemExit("floor shipper: the log was truncated (not handled here)")
+        if len(head) < FINGERPRINT_BYTES:  # (the tailer keeps what it reads: Source.add_to_head)
+            head = os.pread(fd, FINGERPRINT_BYTES, 0)
+        data = result.data
         end = data.rfind(b"\n")
         if end < 0:
             continue

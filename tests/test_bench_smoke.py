@@ -39,7 +39,7 @@ def test_small_bench_meets_a_tenth_of_the_targets(tmp_path: Path) -> None:
     assert figures["latency_events"] == 3000
     steady = json.loads(result.read_text())["steady"]["rates"]
     assert [steady[rate]["events_written"] for rate in ("0", "100", "1000")] == [0, 500, 5000]
-    # steady-floor: bench/floor_shipper.py delivered every event too (the bench fails otherwise), and is shown against
+    # steady-floor: bench/floor_shipper.py delivered every event too; pyforward's CPU over it:
     floors = [figures[f"steady_{rate}_floor_cpu"] for rate in ("idle", "100", "1000")]
     assert all(0 < cpu < 1 for cpu in floors), floors
     assert figures["steady_100_of_floor"] > 0
