@@ -741,6 +741,22 @@ def harness_at(root: Path) -> Iterator[Harness]:
         h.close()
 
 
+def checkpoint_doc(path: Path, *, running: bool = False) -> dict[str, object] | None:
+    """The checkpoint's JSON, None if there is none. `running`: `pyforward run` may be writing it now, and it writes
+    the file in place (checkpoint.CheckpointFile), so a read can see a write half done: None then too (a restart never
+    sees that: what is on disk is one whole sector)."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        if running:
+            return None
+        raise
+    assert isinstance(doc, dict)
+    return doc
+
+
 __all__ = [
     "AuditWriter",
     "Delivery",
@@ -749,6 +765,7 @@ __all__ = [
     "ReceiverProcess",
     "RunProcess",
     "assert_delivered",
+    "checkpoint_doc",
     "delivery",
     "free_port",
     "harness_at",

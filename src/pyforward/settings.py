@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     checkpoint_interval: float = Field(
         2.0,
         ge=0,
-        description="Seconds between two checkpoint writes at most (each is two fsyncs); sooner when the in-flight "
+        description="Seconds between two checkpoint writes at most (each is an fdatasync); sooner when the in-flight "
         "budget runs short or a chunk's worth of acked lines is unsaved, and always on shutdown. A crash re-sends "
         "at most max_inflight_bytes either way.",
         json_schema_extra=_group("input"),

@@ -15,20 +15,27 @@ in-flight budget instead, which is freed only once a checkpoint covering the chu
 from __future__ import annotations
 
 import functools
-import json
 import os
 import random
 import signal
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.chaos.conftest import Figures
 from tests.chaos.tools import MODES, Relay, ScriptedReceiver, at_least, env_for, proc_status
-from tests.harness import AuditWriter, Harness, RunProcess, assert_delivered, free_port, try_metrics, wait_for
+from tests.harness import (
+    AuditWriter,
+    Harness,
+    RunProcess,
+    assert_delivered,
+    checkpoint_doc,
+    free_port,
+    try_metrics,
+    wait_for,
+)
 from tests.proxies import proxies_at
 
 WINDOW = 4
@@ -95,15 +102,6 @@ def budget_events(lines: list[bytes]) -> int:
 
 def metric(bind: str, name: str) -> float:
     return try_metrics(bind).get(name, 0.0)
-
-
-def checkpoint_doc(path: Path) -> dict[str, object] | None:
-    try:
-        doc = json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    assert isinstance(doc, dict)
-    return doc
 
 
 # ------------------------------------------------------------------------------------------------ pyforward run

@@ -22,9 +22,9 @@ from typing import Any
 import pytest
 
 from tests.chaos.conftest import Figures
-from tests.chaos.test_faults import SETTINGS, checkpoint_doc, in_flight, metric
+from tests.chaos.test_faults import SETTINGS, in_flight, metric
 from tests.chaos.tools import MODES, env_for, permissions_apply, unprivileged_run
-from tests.harness import AuditWriter, Harness, assert_delivered, free_port
+from tests.harness import AuditWriter, Harness, assert_delivered, checkpoint_doc, free_port
 
 pytestmark = pytest.mark.chaos
 
@@ -70,7 +70,7 @@ def fill(directory: Path) -> None:
 
 
 def covers(writer: AuditWriter, path: Path, count: int) -> bool:
-    doc = checkpoint_doc(path)
+    doc = checkpoint_doc(path, running=True)
     return doc is not None and writer.events_covered(doc) >= count
 
 
@@ -98,6 +98,14 @@ def test_checkpoint_directory_read_only_or_full(harness: Harness, figures: Figur
         first = writer.write(500)
         run.wait_until(lambda: covers(writer, checkpoint, len(first)), 60, what="the checkpoint to cover batch 1")
         good = checkpoint.read_bytes()
+        # Neither fault stops pyforward from overwriting the checkpoint it has open (in place: CheckpointFile); they
+        # stop the creation of a new file. So the checkpoint is replaced by a copy (same bytes, owner and mode), which
+        # pyforward's next write must create anew. The replaced file stays open here until the repair: its space
+        # stays taken when pyforward lets go of it (else that page would be room enough on the full tmpfs).
+        held = os.open(checkpoint, os.O_RDONLY)
+        copy = state / "checkpoint.copy"
+        shutil.copy2(checkpoint, copy)
+        os.replace(copy, checkpoint)
 
         if fault == "read-only":
             state.chmod(0o555)
@@ -117,6 +125,7 @@ def test_checkpoint_directory_read_only_or_full(harness: Harness, figures: Figur
         run.start()
         run.wait_until(lambda: all(output.refresh()[i] >= 2 for i in second), 60, what="batch 2 re-sent")
 
+        os.close(held)
         if fault == "read-only":
             state.chmod(0o755)
         else:

@@ -25,6 +25,7 @@ from tests.harness import (
     Harness,
     ReceivedIds,
     assert_delivered,
+    checkpoint_doc,
     free_port,
     holds_for,
     try_metrics,
@@ -225,7 +226,7 @@ def test_sigterm_with_the_receiver_down_stops_after_the_shutdown_timeout(harness
     acked = writer.write(100)
     harness.wait_delivered(acked, output, run=run)
     end = harness.log_path.stat().st_size
-    wait_for(lambda: harness.checkpoint_path.exists() and checkpoint_of(harness)["offset"] == end, 10,
+    wait_for(lambda: (checkpoint_doc(harness.checkpoint_path, running=True) or {}).get("offset") == end, 10,
              what="the checkpoint to cover the first events")
     assert receiver.stop() == 0
     unacked = writer.write(500)

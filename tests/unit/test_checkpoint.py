@@ -19,8 +19,10 @@ import pytest
 
 from pyforward.checkpoint import (
     FINGERPRINT_BYTES,
+    RECORD_BYTES,
     AckTracker,
     CheckpointError,
+    CheckpointFile,
     CheckpointWriter,
     FileIdentity,
     Position,
@@ -184,6 +186,98 @@ def test_save_into_read_only_dir_raises_and_keeps_the_last_good_file(tmp_path: P
 def test_save_into_missing_dir_raises(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError):
         save_checkpoint(tmp_path / "gone" / "checkpoint", pos(1))
+
+
+# --- CheckpointFile: saved in place ------------------------------------------------------------------------
+
+
+def test_checkpoint_file_saves_in_place_one_padded_json_document(tmp_path: Path) -> None:
+    """The first save creates the file (atomically), the later ones overwrite its one record in place: same inode,
+    one sector, and still a single JSON document (any pyforward, older ones too, reads it)."""
+    path = tmp_path / "checkpoint"
+    file = CheckpointFile(path)
+    file.save(pos(1))
+    inode = path.stat().st_ino
+    for n in range(2, 20):
+        file.save(pos(n))
+    assert path.stat().st_ino == inode
+    raw = path.read_bytes()
+    assert len(raw) == RECORD_BYTES
+    assert raw.endswith(b"\n")
+    assert json.loads(raw)["offset"] == 19
+    assert load_checkpoint(path) == pos(19)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint"]
+    file.close()
+
+
+def test_checkpoint_file_recreates_a_file_deleted_or_replaced_under_it(tmp_path: Path) -> None:
+    """Somebody deleted the checkpoint, or put another file in its place: the next save writes the path again, not
+    the file it had open (which nobody would read)."""
+    path = tmp_path / "checkpoint"
+    file = CheckpointFile(path)
+    file.save(pos(1))
+    path.unlink()
+    file.save(pos(2))
+    assert load_checkpoint(path) == pos(2)
+    save_checkpoint(path, pos(3, ino=9))  # replaced: another inode (an older pyforward's format, unpadded)
+    file.save(pos(4))
+    assert load_checkpoint(path) == pos(4)
+    assert len(path.read_bytes()) == RECORD_BYTES
+    inode = path.stat().st_ino
+    file.save(pos(5))
+    assert path.stat().st_ino == inode  # in place again
+    file.close()
+
+
+def test_checkpoint_file_too_long_for_a_sector_is_replaced_whole(tmp_path: Path) -> None:
+    """A record that does not fit one sector (a long log path) is saved by replacing the file, never in place."""
+    path = tmp_path / "checkpoint"
+    file = CheckpointFile(path)
+    file.save(pos(1))
+    long = Position(file=pos(2).file, offset=2, path="/auditlog/" + "d" * 600 + "/audit.log")
+    inode = path.stat().st_ino
+    file.save(long)
+    assert load_checkpoint(path) == long
+    assert path.stat().st_ino != inode
+    file.save(pos(3))
+    assert load_checkpoint(path) == pos(3)
+    file.close()
+
+
+SAVE_UNTIL_KILLED = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from pyforward.checkpoint import CheckpointFile, FileIdentity, Position
+
+    file = CheckpointFile(Path(sys.argv[1]))
+    identity = FileIdentity.of(1, 2, b"first line\\n")
+    n = 0
+    while True:
+        n += 1
+        file.save(Position(identity, n, "/auditlog/audit.log"))
+        sys.stdout.write(f"{n}\\n")
+        sys.stdout.flush()
+    """
+)
+
+
+def test_checkpoint_file_killed_mid_save_leaves_a_whole_record(tmp_path: Path) -> None:
+    """SIGKILL at any moment of in-place saves: the file holds a whole record, at least the last save that returned
+    (a save that emptied the file before writing it, or wrote it in pieces, would leave one that does not load)."""
+    path = tmp_path / "checkpoint"
+    for kill in range(8):
+        child = subprocess.Popen([sys.executable, "-c", SAVE_UNTIL_KILLED, str(path)], stdout=subprocess.PIPE)
+        assert child.stdout is not None
+        last = 0
+        for _ in range(5 + 7 * kill):  # a different moment each time
+            last = int(child.stdout.readline())
+        child.kill()
+        child.wait()
+        saved = load_checkpoint(path)
+        assert saved is not None
+        assert saved.offset >= last, f"kill {kill}: offset {saved.offset}, but save {last} had returned"
+        child.stdout.close()
 
 
 # --- AckTracker --------------------------------------------------------------------------------------------
