@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyforward import records
 from pyforward.auditgen import generate_events
 from pyforward.protocol import EntryPacker, EventTime
 from pyforward.records import MAX_DEPTH, EntryEncoder, RecordParser, RecordStats, _kube_time_head, parse_time
@@ -140,3 +141,35 @@ def test_time_head_agrees_with_parse_time(moment: datetime, micros: int) -> None
     assert _kube_time_head(text) == b"\x92" + parsed.pack()
     expected = moment.replace(microsecond=micros, tzinfo=UTC) - datetime(1970, 1, 1, tzinfo=UTC)
     assert parsed.to_ns() == expected // timedelta(microseconds=1) * 1000
+
+
+# --- the record's msgpack bytes: ormsgpack packs what msgpack-python packs ---------------------------------------
+
+#: Sizes where msgpack changes its encoding (fix*, 8-, 16-, 32-bit lengths and integers).
+_EDGES = [0, 1, 15, 16, 31, 32, 127, 128, 255, 256, 65_535, 65_536]
+edge_ints = st.sampled_from(
+    [sign * (edge + delta) for edge in (*_EDGES, 2**31, 2**32, 2**63) for delta in (-1, 0) for sign in (1, -1)]
+).filter(lambda n: -(2**63) <= n < 2**64)
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | edge_ints
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text()
+    | st.sampled_from(_EDGES).map(lambda n: "é" * (n // 2) + "x" * (n % 2)),  # multi-byte UTF-8 at the edges
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(json_like)
+def test_fast_record_packing_is_msgpack_byte_for_byte(value: Any) -> None:
+    """What EntryEncoder packs records with (ormsgpack where it has a wheel) gives msgpack-python's bytes for every
+    value orjson can return: the entries on the wire do not depend on which one packed them."""
+    assert records._packb_fast is not None, "ormsgpack is a dependency on this platform (pyproject.toml)"
+    assert records._packb_fast(value) == EntryPacker().pack_record(value)
+
+
+@pytest.mark.parametrize("size", [15, 16, 65_535, 65_536])
+def test_fast_record_packing_of_large_maps_and_arrays(size: int) -> None:
+    record = {f"k{i}": [None] * (size if i == 0 else 1) for i in range(size)}
+    assert records._packb_fast is not None
+    assert records._packb_fast(record) == EntryPacker().pack_record(record)
