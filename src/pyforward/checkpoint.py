@@ -338,10 +338,9 @@ class CheckpointWriter:
     Acks can arrive thousands of times a second; each save costs an fdatasync (CheckpointFile) and a thread round
     trip. Only the newest position matters, so updates are coalesced: one write now and then carries the newest
     position. At steady rates a write per chunk was a large share of the sidecar's CPU (issue 11), hence `interval`
-    (2 s by default,
-    PYFORWARD_CHECKPOINT_INTERVAL): what a crash can make us send again grows by what was acked in that time, and the
-    pipeline bounds it anyway (its in-flight budget is freed only by a settled write; when that budget runs short it
-    asks for an `urgent` write, which skips the wait). `flush` and `close` write at once.
+    (2 s by default, PYFORWARD_CHECKPOINT_INTERVAL): what a crash can make us send again grows by what was acked in
+    that time, and the pipeline bounds it anyway (its in-flight budget is freed only by a settled write; when that
+    budget runs short it asks for an `urgent` write, which skips the wait). `flush` and `close` write at once.
 
     A failed write (read-only dir, disk full) is logged (at most once per `error_log_interval`), the last good file
     stays, shipping goes on, and the write is retried after `retry_delay` unless a newer update comes first: a stale
