@@ -239,27 +239,26 @@ class CheckpointFile:
     def save(self, position: Position) -> None:
         """Write `position` durably. Raises OSError (the previous checkpoint is then still a whole record)."""
         data = _encode(position)
-        if len(data) > RECORD_BYTES:
-            self.close()
-            save_checkpoint(self.path, position)
-            return
-        record = data[:-1].ljust(RECORD_BYTES - 1) + b"\n"
-        if self._fd is not None and self._still_ours():
-            try:
-                if os.pwrite(self._fd, record, 0) != RECORD_BYTES:
-                    raise OSError(errno.EIO, "short write")
-                os.fdatasync(self._fd)
-            except OSError:
-                self.close()  # the next save (the writer's retry) replaces the file
-                raise
-            return
+        fits = len(data) <= RECORD_BYTES
+        if fits:
+            data = data[:-1].ljust(RECORD_BYTES - 1) + b"\n"
+            if self._fd is not None and self._still_ours():
+                try:
+                    if os.pwrite(self._fd, data, 0) != RECORD_BYTES:
+                        raise OSError(errno.EIO, "short write")
+                    os.fdatasync(self._fd)
+                except OSError:
+                    self.close()  # the next save (the writer's retry) replaces the file
+                    raise
+                return
         self.close()
-        replace_file(self.path, record)
+        replace_file(self.path, data)
         fsync_directory(self.path.parent)
-        with contextlib.suppress(OSError):  # (then the next save replaces the file again)
-            fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
-            st = os.fstat(fd)
-            self._fd, self._inode = fd, (st.st_dev, st.st_ino)
+        if fits:  # the next saves go in place (if it cannot be opened, they replace the file again)
+            with contextlib.suppress(OSError):
+                fd = os.open(self.path, os.O_WRONLY | os.O_CLOEXEC)
+                st = os.fstat(fd)
+                self._fd, self._inode = fd, (st.st_dev, st.st_ino)
 
     def _still_ours(self) -> bool:
         try:
