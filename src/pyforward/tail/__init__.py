@@ -25,7 +25,8 @@ deleted), create a new `audit.log`, delete backups beyond a count. Hence:
 Split by concern, as fluent-bit's in_tail is: `scan` (lumberjack names, listing rotated siblings), `file`
 (one open file, its identity, reading plain and gzip), `lines` (buffers into lines), `watch` (inotify and
 polling), `ledger` (which backups exist, which were lost), `start` (where reading starts: the checkpointed file or
-start_at), `rotate` (the file being read rotated away or truncated), `tailer` (the Tailer that composes them).
+start_at), `rotate` (the file being read rotated away or truncated), `tailer` (the Tailer that composes them),
+`types` (what they share, below all of them: LineBatch, TailerStats, Problems).
 """
 
 from pyforward.tail.tailer import LineBatch, Tailer, TailerStats

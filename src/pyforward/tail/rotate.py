@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from pyforward.tail.ledger import Ledger
     from pyforward.tail.lines import LineAssembler
-    from pyforward.tail.tailer import TailerStats
+    from pyforward.tail.types import TailerStats
 
 __all__ = ["RotationDetection"]
 

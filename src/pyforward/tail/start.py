@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     import threading
 
     from pyforward.tail.lines import LineAssembler
-    from pyforward.tail.tailer import TailerStats, _Problems
+    from pyforward.tail.types import Problems, TailerStats
 
 __all__ = ["StartResolution"]
 
@@ -51,7 +51,7 @@ class StartResolution:
         _started: bool
         _lock: threading.RLock
         _lines: LineAssembler
-        _problems: _Problems
+        _problems: Problems
         stats: TailerStats
 
         def _list(self) -> list[Sibling]: ...
