@@ -82,7 +82,8 @@ def suite(session: nox.Session) -> None:
     """ruff, mypy --strict and the whole suite on the interpreter running nox (tests/run.sh set it up)."""
     if DEFAULT not in SUPPORTED:
         session.warn(f"CPython {DEFAULT} runs the suite but is not one of the supported {SUPPORTED}")
-    session.run(sys.executable, "-m", "ruff", "check", "src", "tests", "bench", "docs/monitoring", "noxfile.py")
+    session.run(sys.executable, "-m", "ruff", "check", "src", "tests", "bench", "docs/monitoring", "noxfile.py",
+                ".github/scripts")
     session.run(sys.executable, "-m", "mypy")
     session.run(sys.executable, *PYTEST, *session.posargs)
 
