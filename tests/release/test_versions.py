@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from pyforward import UNKNOWN_VERSION
 from tests.release.conftest import TAG, clone_working_tree, git, scm_version
 
 
@@ -42,4 +43,5 @@ def test_a_tree_without_git_is_unknown(tmp_path: Path, untagged: Path) -> None:
     """No .git at all (a copied source tree, the image's build context without a VERSION): the fallback version."""
     tree = tmp_path / "tree"
     shutil.copytree(untagged, tree, ignore=shutil.ignore_patterns(".git"))
-    assert scm_version(tree) == "0.0.0+unknown"
+    # The same words as an uninstalled pyforward's __version__ (PYTHONPATH=src).
+    assert scm_version(tree) == UNKNOWN_VERSION == "0.0.0+unknown"
