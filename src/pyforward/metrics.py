@@ -16,6 +16,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import platform
 import select
 import selectors
 import socket
@@ -151,7 +152,9 @@ class Metrics:
         self.last_ack_timestamp_seconds = gauge(
             "last_ack_timestamp_seconds", "Unix time of the last ack received; 0 before the first."
         )
-        self.build_info = gauge("build_info", "Always 1; the labels name the running version.", ("version",))
+        self.build_info = gauge(
+            "build_info", "Always 1; the labels name the running version and Python.", ("version", "python")
+        )
         self.task_restarts = counter(
             "task_restarts",
             "Background tasks restarted after an unexpected error (logged at ERROR with a traceback), by task.",
@@ -166,7 +169,8 @@ class Metrics:
             self.checkpoint_writes.labels(result=result)
         for task in RESTARTED_TASKS:
             self.task_restarts.labels(task=task)
-        self.build_info.labels(version=__version__).set(1)
+        # python: the interpreter's version (3.12.1); the image's and a pip install's differ (issue 24).
+        self.build_info.labels(version=__version__, python=platform.python_version()).set(1)
 
 
 @dataclass
