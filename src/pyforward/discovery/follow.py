@@ -1,25 +1,4 @@
-"""Kubernetes discovery: where to ship (the receiver Service's ClusterIP and port) and with which client
-certificate (a Secret, written to files for the TLS layer).
-
-audit-forwarder polled both once a minute, took any API error as "service gone" and killed forwarding, and
-restarted fluent-bit with SIGKILL on every certificate change (shared/reference/audit-forwarder.md, losses
-2, 6 and 7). Here each object is followed with list + watch:
-
-- list (``fieldSelector=metadata.name=...``), then watch from the list's resourceVersion; when a watch ends
-  (the server's ``timeoutSeconds``) it is resumed from the last resourceVersion seen; on 410 Gone (an ERROR
-  event or the HTTP status) the object is listed again.
-- API trouble (unreachable, 5xx, 401/403, garbage) never changes what we ship to: the last target and the
-  last certificate files stay, errors are logged at a sane rate and retried with capped exponential backoff.
-- Only an answer from the API that the Service is gone (a DELETED event, an empty list or a 404) pauses
-  shipping (``on_target(None)``); the backlog stays in the log file.
-- Secret material is written atomically (temp file in the directory, 0600, fsync, rename) and only when it
-  changed, so the TLS layer sees either the old or the new file, never half a file.
-- The kubeconfig is re-read when its file changes (inode, mtime, size): the API client is rebuilt and the
-  watches restart against whatever it points at now.
-
-kubernetes_asyncio is imported lazily, inside functions: ``import pyforward.discovery`` stays cheap and a
-static destination never loads it.
-"""
+"""Discovery: follows the receiver Service and the client-certificate Secret (see the package's doc)."""
 
 from __future__ import annotations
 
@@ -33,159 +12,32 @@ import logging
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
-from pyforward.atomic import replace_file_async
+from pyforward.discovery.errors import APIStatus, Gone, Reconnect, describe, status_error, status_of, status_reason
+from pyforward.discovery.kubeconfig import (
+    CONFIG_POLL_INTERVAL,
+    INCLUSTER_CA_FILE,
+    ConfigError,
+    NoConfig,
+    config_fingerprint,
+    describe_config_error,
+    show_paths,
+)
+from pyforward.discovery.pacing import Backoff, RateLimitedLog, say
+from pyforward.discovery.secret import write_files
+from pyforward.discovery.service import Target, port_names
+from pyforward.discovery.watch import (
+    LIST_READ_TIMEOUT,
+    MIN_HEALTHY_WATCH,
+    WATCH_READ_SLACK,
+    WATCH_TIMEOUT_RANGE,
+    Watched,
+)
 from pyforward.settings import Settings
 
-__all__ = ["Discovery", "Target"]
-
-log = logging.getLogger("pyforward.discovery")
-
-# Repeated errors of one kind are logged at most this often (the first one always), with a count.
-ERROR_LOG_INTERVAL = 60.0
-# How often the kubeconfig file is stat()ed for changes (cheap: one stat per path).
-CONFIG_POLL_INTERVAL = 1.0
-# Server-side watch timeout, spread so that many replicas do not reconnect in step (client-go does the same:
-# a random value between 5 and 10 minutes).
-WATCH_TIMEOUT_RANGE = (300, 600)
-# Client-side read timeout beyond the server-side timeout: detects a dead connection (no RST ever comes).
-WATCH_READ_SLACK = 60.0
-# Timeout for one list request (connect timeout is settings.connect_timeout).
-LIST_READ_TIMEOUT = 30.0
-# A watch that ends sooner than this without delivering anything counts as a failure (backoff), so that a
-# server that closes every stream at once is not hammered.
-MIN_HEALTHY_WATCH = 1.0
-# Where the in-cluster config keeps its CA; watched for changes like a kubeconfig.
-INCLUSTER_CA_FILE = "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where to ship: the Service's ClusterIP and port."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
-class _Gone(Exception):
-    """The resourceVersion we watch from is too old (410): list again."""
-
-
-class _Reconnect(Exception):
-    """Rebuild the API client and restart the watches: the kubeconfig changed, or credentials were refused
-    (an exec plugin, OIDC or a token file yields fresh ones only when the configuration is loaded again)."""
-
-
-class _APIStatus(Exception):
-    """A non-success answer of the API server (HTTP status or ERROR event), with its Status reason."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(f"{status} {reason}".strip())
-        self.status = status
-        self.reason = reason
-
-
-def _status_of(exc: BaseException) -> int | None:
-    # Our own _APIStatus, and kubernetes_asyncio's ApiException (auth hooks may raise it), both carry .status.
-    status = getattr(exc, "status", None)
-    return status if isinstance(status, int) else None
-
-
-def _describe(exc: BaseException) -> str:
-    """One line about an error, never a response body (it could quote an object)."""
-    if isinstance(exc, _APIStatus):
-        hint = ""
-        if exc.status in (401, 403):
-            hint = " (check the credentials and RBAC of the kubeconfig or service account)"
-        return f"API answered {exc}{hint}"
-    status = _status_of(exc)
-    if status is not None:
-        return f"API answered {status} {getattr(exc, 'reason', '') or ''}".rstrip()
-    if isinstance(exc, TimeoutError):
-        return "timed out"
-    text = str(exc).splitlines()[0][:200] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
-class _RateLimitedLog:
-    """First error at once, then at most one line per ERROR_LOG_INTERVAL with a count; one line on recovery."""
-
-    def __init__(self, what: str, consequence: str) -> None:
-        self.what = what
-        self.consequence = consequence
-        self.count = 0
-        self.unreported = 0
-        self.last_logged = 0.0
-        self.first = 0.0
-
-    def error(self, message: str) -> None:
-        now = time.monotonic()
-        self.count += 1
-        if self.count == 1:
-            self.first = now
-            self.last_logged = now
-            _say(logging.WARNING, f"{self.what}: {message}; {self.consequence}")
-            return
-        self.unreported += 1
-        if now - self.last_logged >= ERROR_LOG_INTERVAL:
-            _say(
-                logging.WARNING,
-                f"{self.what}: {message}; {self.unreported} error(s) in the last {now - self.last_logged:.0f}s "
-                f"({self.count} since {now - self.first:.0f}s ago); {self.consequence}",
-            )
-            self.last_logged = now
-            self.unreported = 0
-
-    def recovered(self) -> None:
-        if self.count:
-            elapsed = time.monotonic() - self.first
-            _say(logging.INFO, f"{self.what}: working again after {self.count} error(s) in {elapsed:.0f}s")
-        self.count = 0
-        self.unreported = 0
-
-
-class _Backoff:
-    """Capped exponential backoff with jitter (half the delay fixed, half random)."""
-
-    def __init__(self, initial: float, cap: float) -> None:
-        self.initial = initial
-        self.cap = cap
-        self.attempt = 0
-
-    def next_delay(self) -> float:
-        delay = min(self.cap, self.initial * float(2**self.attempt))
-        self.attempt = min(self.attempt + 1, 62)
-        return delay / 2 + random.uniform(0, delay / 2)
-
-    async def sleep(self) -> None:
-        await asyncio.sleep(self.next_delay())
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
-@dataclass
-class _Watched:
-    """One object followed by list + watch."""
-
-    kind: str  # "Service" or "Secret"
-    name: str
-    apply: Callable[[dict[str, Any] | None], Awaitable[None]]
-    errors: _RateLimitedLog
-    backoff: _Backoff
-    resource_version: str | None = None
-    missing_logged: bool = False
-
-    @property
-    def method(self) -> str:
-        return f"list_namespaced_{self.kind.lower()}"
+log = logging.getLogger("pyforward.discovery")  # one logger for the package, as before the split
 
 
 class Discovery:
@@ -210,27 +62,27 @@ class Discovery:
         self._secret_ready = False
         self._ready = asyncio.Event()
         self._warned: set[str] = set()
-        self._config_errors = _RateLimitedLog(
+        self._config_errors = RateLimitedLog(
             "Kubernetes configuration", "keeping the last destination and certificates, retrying"
         )
         ns = settings.namespace
-        self._service = _Watched(
+        self._service = Watched(
             kind="Service",
             name=settings.service_name,
             apply=self._apply_service,
-            backoff=_Backoff(settings.backoff_initial, settings.backoff_max),
-            errors=_RateLimitedLog(
+            backoff=Backoff(settings.backoff_initial, settings.backoff_max),
+            errors=RateLimitedLog(
                 f"watching Service {ns}/{settings.service_name}", "keeping the last destination, retrying"
             ),
         )
-        self._secret: _Watched | None = None
+        self._secret: Watched | None = None
         if settings.secret_name:
-            self._secret = _Watched(
+            self._secret = Watched(
                 kind="Secret",
                 name=settings.secret_name,
                 apply=self._apply_secret,
-                backoff=_Backoff(settings.backoff_initial, settings.backoff_max),
-                errors=_RateLimitedLog(
+                backoff=Backoff(settings.backoff_initial, settings.backoff_max),
+                errors=RateLimitedLog(
                     f"watching Secret {ns}/{settings.secret_name}", "keeping the last certificates, retrying"
                 ),
             )
@@ -260,27 +112,27 @@ class Discovery:
         # kubernetes_asyncio takes a second or two to import (every API group is generated code): do it in a
         # thread so that the event loop, which the pipeline shares, keeps tailing and serving meanwhile.
         await asyncio.to_thread(importlib.import_module, "kubernetes_asyncio.client")
-        backoff = _Backoff(self.settings.backoff_initial, self.settings.backoff_max)
+        backoff = Backoff(self.settings.backoff_initial, self.settings.backoff_max)
         while True:
             paths = self._config_paths()
-            fingerprint = _fingerprint(paths)
+            fingerprint = config_fingerprint(paths)
             try:
                 api = await self._make_client()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._config_errors.error(_describe_config_error(exc))
+                self._config_errors.error(describe_config_error(exc))
                 await self._wait_config_change(paths, fingerprint, backoff.next_delay())
                 continue
             self._config_errors.recovered()
             backoff.reset()
             try:
                 await self._follow_all(api, paths, fingerprint)
-            except* _Reconnect as group:
-                _say(logging.INFO, f"{group.exceptions[0]}: reconnecting with the configuration loaded again")
+            except* Reconnect as group:
+                say(logging.INFO, f"{group.exceptions[0]}: reconnecting with the configuration loaded again")
             except* Exception as group:
                 # A bug, not API trouble (that is handled per watch): say so loudly, start over after a pause.
-                log.error("discovery failed: %s; starting over", _describe(group.exceptions[0]), exc_info=group)
+                log.error("discovery failed: %s; starting over", describe(group.exceptions[0]), exc_info=group)
                 await backoff.sleep()
             finally:
                 with contextlib.suppress(Exception):
@@ -305,17 +157,17 @@ class Discovery:
             path = str(self.settings.kubeconfig) if self.settings.kubeconfig else os.environ["KUBECONFIG"]
             if not any(os.path.isfile(p) for p in path.split(os.pathsep) if p):
                 # Checked here: kubernetes_asyncio would only warn and then fail with "no configuration found".
-                raise _NoConfig(f"cannot load the kubeconfig: {path} does not exist")
+                raise NoConfig(f"cannot load the kubeconfig: {path} does not exist")
             try:
                 await config.load_kube_config(
                     config_file=path, client_configuration=configuration, persist_config=False
                 )
             except Exception as exc:
-                raise _ConfigError(path, exc) from exc
+                raise ConfigError(path, exc) from exc
         elif os.environ.get("KUBERNETES_SERVICE_HOST"):
             config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
         else:
-            raise _NoConfig(
+            raise NoConfig(
                 "no Kubernetes configuration: PYFORWARD_KUBECONFIG is unset and this is not a pod "
                 "(KUBERNETES_SERVICE_HOST is unset); set PYFORWARD_HOST to ship without discovery"
             )
@@ -325,7 +177,7 @@ class Discovery:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             await asyncio.sleep(min(CONFIG_POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
-            if _fingerprint(paths) != fingerprint:
+            if config_fingerprint(paths) != fingerprint:
                 return
 
     async def _watch_config(self, paths: list[str], fingerprint: object) -> None:
@@ -333,8 +185,8 @@ class Discovery:
             return
         while True:
             await asyncio.sleep(CONFIG_POLL_INTERVAL)
-            if _fingerprint(paths) != fingerprint:
-                raise _Reconnect(f"Kubernetes configuration {_show_paths(paths)} changed")
+            if config_fingerprint(paths) != fingerprint:
+                raise Reconnect(f"Kubernetes configuration {show_paths(paths)} changed")
 
     async def _follow_all(self, api: Any, paths: list[str], fingerprint: object) -> None:
         from kubernetes_asyncio import client
@@ -347,9 +199,9 @@ class Discovery:
             group.create_task(self._watch_config(paths, fingerprint), name="discovery-config")
 
     # --- list + watch --------------------------------------------------------------------------------------
-    async def _follow(self, core: Any, watched: _Watched) -> None:
+    async def _follow(self, core: Any, watched: Watched) -> None:
         """List, then watch from the list's resourceVersion; forever. Ends only when cancelled, or with
-        _Reconnect when the credentials are refused."""
+        Reconnect when the credentials are refused."""
         backoff = watched.backoff  # kept across reconnects: refused credentials must not make a fast loop
         watched.resource_version = None  # a new client (maybe another cluster): start with a list
         while True:
@@ -373,24 +225,24 @@ class Discovery:
                 raise
             except Exception as exc:
                 watched.resource_version = None  # converge by listing again
-                status = _status_of(exc)
-                if isinstance(exc, _Gone) or status == 410:
+                status = status_of(exc)
+                if isinstance(exc, Gone) or status == 410:
                     # The resourceVersion is older than the server's watch cache: list again, at once the first
                     # time, with backoff if it keeps happening.
                     where = f"{watched.kind} {self.settings.namespace}/{watched.name}"
-                    _say(logging.INFO, f"{where}: resourceVersion expired (410 Gone); listing again")
+                    say(logging.INFO, f"{where}: resourceVersion expired (410 Gone); listing again")
                     if backoff.attempt:
                         await backoff.sleep()
                     else:
                         backoff.attempt = 1
                     continue
                 # Unreachable, 5xx, 401/403, a broken stream, a file we could not write: keep what we have.
-                watched.errors.error(_describe(exc))
+                watched.errors.error(describe(exc))
                 await backoff.sleep()
                 if status == 401:
-                    raise _Reconnect("the API server refused the credentials (401)") from None
+                    raise Reconnect("the API server refused the credentials (401)") from None
 
-    async def _list(self, core: Any, watched: _Watched) -> bool:
+    async def _list(self, core: Any, watched: Watched) -> bool:
         """List the object by name and apply what was found. False on 404 (nothing to watch from)."""
         method = getattr(core, watched.method)
         response = await method(
@@ -404,9 +256,9 @@ class Discovery:
                 await self._apply(watched, None)
                 return False
             if response.status == 410:
-                raise _Gone()
+                raise Gone()
             if response.status != 200:
-                raise await _status_error(response)
+                raise await status_error(response)
             body = json.loads(await response.read())
         finally:
             response.release()
@@ -421,7 +273,7 @@ class Discovery:
         watched.resource_version = str((body.get("metadata") or {}).get("resourceVersion") or "")
         return True
 
-    async def _watch(self, core: Any, watched: _Watched) -> bool:
+    async def _watch(self, core: Any, watched: Watched) -> bool:
         """One watch request from watched.resource_version. Returns whether any event arrived."""
         timeout = random.randint(*WATCH_TIMEOUT_RANGE)
         kwargs: dict[str, Any] = {}
@@ -442,9 +294,9 @@ class Discovery:
         delivered = False
         try:
             if response.status == 410:
-                raise _Gone()
+                raise Gone()
             if response.status != 200:
-                raise await _status_error(response)
+                raise await status_error(response)
             while True:
                 line = await response.content.readline()
                 if not line:
@@ -456,7 +308,7 @@ class Discovery:
         finally:
             response.close()
 
-    async def _event(self, watched: _Watched, line: bytes) -> None:
+    async def _event(self, watched: Watched, line: bytes) -> None:
         try:
             event = json.loads(line)
         except ValueError:
@@ -471,8 +323,8 @@ class Discovery:
         if kind == "ERROR":
             code = obj.get("code")
             if code == 410:
-                raise _Gone()
-            raise _APIStatus(int(code) if isinstance(code, int) else 500, _status_reason(obj))
+                raise Gone()
+            raise APIStatus(int(code) if isinstance(code, int) else 500, status_reason(obj))
         meta = obj.get("metadata") or {}
         version = meta.get("resourceVersion")
         if kind == "BOOKMARK":
@@ -488,7 +340,7 @@ class Discovery:
         if version:
             watched.resource_version = str(version)
 
-    async def _apply(self, watched: _Watched, obj: dict[str, Any] | None) -> None:
+    async def _apply(self, watched: Watched, obj: dict[str, Any] | None) -> None:
         if obj is not None:
             watched.missing_logged = False
         await watched.apply(obj)
@@ -498,9 +350,9 @@ class Discovery:
         where = f"Service {self.settings.namespace}/{self.settings.service_name}"
         if obj is None:
             if self._target is not None:
-                _say(logging.WARNING, f"{where} was deleted: shipping paused (the backlog stays in the log file)")
+                say(logging.WARNING, f"{where} was deleted: shipping paused (the backlog stays in the log file)")
             elif not self._service.missing_logged:
-                _say(logging.WARNING, f"waiting for {where} (the receiver to ship to)")
+                say(logging.WARNING, f"waiting for {where} (the receiver to ship to)")
             self._service.missing_logged = True
             self._set_target(None)
             return
@@ -533,7 +385,7 @@ class Discovery:
                 chosen = ports[0]
                 self._warn_once(
                     f"portname:{wanted}",
-                    f"{where} has no port named {wanted!r} (ports: {_port_names(ports)}); "
+                    f"{where} has no port named {wanted!r} (ports: {port_names(ports)}); "
                     f"using the first, {chosen.get('name') or 'unnamed'} ({chosen['port']})",
                 )
         else:
@@ -541,7 +393,7 @@ class Discovery:
             if len(ports) > 1:
                 self._warn_once(
                     "severalports",
-                    f"{where} has several ports ({_port_names(ports)}) and PYFORWARD_SERVICE_PORT_NAME is unset; "
+                    f"{where} has several ports ({port_names(ports)}) and PYFORWARD_SERVICE_PORT_NAME is unset; "
                     f"using the first, {chosen.get('name') or 'unnamed'} ({chosen['port']})",
                 )
         port = chosen["port"]
@@ -558,7 +410,7 @@ class Discovery:
         self._target = target
         if target is not None:
             was = f" (was {previous})" if previous else ""
-            _say(
+            say(
                 logging.INFO,
                 f"destination: Service {self.settings.namespace}/{self.settings.service_name} at {target}{was}",
             )
@@ -575,9 +427,9 @@ class Discovery:
         if obj is None:
             if not self._secret.missing_logged:
                 if self._secret_ready:
-                    _say(logging.WARNING, f"{where} is gone: keeping the certificates in {self.settings.tls_dir}")
+                    say(logging.WARNING, f"{where} is gone: keeping the certificates in {self.settings.tls_dir}")
                 else:
-                    _say(logging.WARNING, f"waiting for {where} (TLS requires it)")
+                    say(logging.WARNING, f"waiting for {where} (TLS requires it)")
             self._secret.missing_logged = True
             return
         data = obj.get("data") or {}
@@ -600,14 +452,14 @@ class Discovery:
                 # Never show the value.
                 self._warn_once(f"b64:{key}", f"{where} key {key} is not valid base64; keeping the current files")
                 return
-        changed = await _write_files(self.settings.tls_dir, decoded)
+        changed = await write_files(self.settings.tls_dir, decoded)
         if changed:
-            _say(logging.INFO, f"wrote {', '.join(changed)} from {where} into {self.settings.tls_dir}")
+            say(logging.INFO, f"wrote {', '.join(changed)} from {where} into {self.settings.tls_dir}")
         first = not self._secret_ready
         self._secret_ready = True
         self._update_ready()
         if first and not changed:
-            _say(logging.INFO, f"the files in {self.settings.tls_dir} already hold {where}")
+            say(logging.INFO, f"the files in {self.settings.tls_dir} already hold {where}")
         if changed and self._on_secret is not None:
             try:
                 self._on_secret()
@@ -625,109 +477,4 @@ class Discovery:
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            _say(logging.WARNING, message)
-
-
-def _say(level: int, text: str) -> None:
-    # The text is the message template on purpose: pyforward's log handler holds back repeats of a template
-    # (logs.RateLimitFilter), and two different destinations or Secrets must never count as repeats.
-    log.log(level, text)
-
-
-class _NoConfig(Exception):
-    """No usable configuration: no kubeconfig file, and not in a pod."""
-
-
-class _ConfigError(Exception):
-    """The kubeconfig could not be loaded."""
-
-    def __init__(self, path: str, cause: Exception) -> None:
-        super().__init__(path)
-        self.path = path
-        self.cause = cause
-
-
-def _describe_config_error(exc: BaseException) -> str:
-    if isinstance(exc, _NoConfig):
-        return str(exc)
-    if isinstance(exc, _ConfigError):
-        return f"cannot load the kubeconfig {exc.path}: {_describe_config_cause(exc.cause)}"
-    return f"cannot load the in-cluster configuration: {_describe_config_cause(exc)}"
-
-
-def _describe_config_cause(exc: BaseException) -> str:
-    if type(exc).__module__.startswith("yaml"):
-        # str() of a YAML error quotes the file around the problem: that can be a token or a key.
-        mark = getattr(exc, "problem_mark", None)
-        line, column = getattr(mark, "line", None), getattr(mark, "column", None)
-        where = f" at line {line + 1}, column {column + 1}" if isinstance(line, int) and isinstance(column, int) else ""
-        return f"invalid YAML{where}: {getattr(exc, 'problem', None) or type(exc).__name__}"
-    if isinstance(exc, FileNotFoundError):
-        return f"{exc.filename or 'a file'} does not exist"
-    return _describe(exc)
-
-
-def _fingerprint(paths: list[str]) -> tuple[tuple[str, int, int, int, int] | tuple[str], ...]:
-    out: list[tuple[str, int, int, int, int] | tuple[str]] = []
-    for path in paths:
-        try:
-            st = os.stat(path)  # follows symlinks: a Secret/ConfigMap mount swaps ..data atomically
-        except OSError:
-            out.append((path,))
-        else:
-            out.append((path, st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size))
-    return tuple(out)
-
-
-def _show_paths(paths: list[str]) -> str:
-    return ", ".join(paths) if paths else "(in-cluster)"
-
-
-def _port_names(ports: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{p.get('name') or 'unnamed'}={p.get('port')}" for p in ports)
-
-
-def _status_reason(status: dict[str, Any]) -> str:
-    reason = str(status.get("reason") or "")
-    message = str(status.get("message") or "")
-    text = f"{reason}: {message}" if reason and message else reason or message
-    return text.splitlines()[0][:200] if text else ""
-
-
-async def _status_error(response: Any) -> _APIStatus:
-    """The API's Status object from a failed response, reduced to one line (reason and message only)."""
-    reason = str(getattr(response, "reason", "") or "")
-    try:
-        body = json.loads(await response.content.read(64 * 1024))
-        if isinstance(body, dict) and body.get("kind") == "Status":
-            reason = _status_reason(body) or reason
-    except Exception:
-        pass
-    return _APIStatus(int(response.status), reason)
-
-
-async def _write_files(directory: Path, files: dict[str, bytes]) -> list[str]:
-    """Write each changed file atomically (temp file in the directory, 0600, fsync, rename, directory fsync), in the
-    order given, with aiofiles (no blocking call on the loop). Returns the names written. Each file is replaced
-    atomically, the three together are not: the TLS layer (certs.py) checks that key and certificate belong together
-    before it uses them, and keeps the last good context until they do."""
-    import aiofiles
-    import aiofiles.os
-
-    await aiofiles.os.makedirs(directory, exist_ok=True, mode=0o700)
-    written: list[str] = []
-    for name, content in files.items():
-        if "/" in name or name in ("", ".", ".."):
-            raise ValueError(f"Secret key {name!r} is not a usable file name")
-        path = directory / name
-        try:
-            async with aiofiles.open(path, "rb") as current:
-                same = await current.read() == content
-            same = same and ((await aiofiles.os.stat(path)).st_mode & 0o777) == 0o600
-        except OSError:
-            same = False
-        if same:
-            continue
-        await replace_file_async(path, content)
-        written.append(name)
-    return written
+            say(logging.WARNING, message)
