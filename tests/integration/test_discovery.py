@@ -22,7 +22,7 @@ import kmock
 import pytest
 
 from pyforward.discovery import Discovery, Target
-from pyforward.discovery import follow as discovery_follow
+from pyforward.discovery import kubeconfig as discovery_kubeconfig
 from pyforward.discovery import pacing as discovery_pacing
 from pyforward.settings import Settings
 from tests.conftest import CertFiles, write_certs
@@ -58,7 +58,7 @@ def kubeconfig(tmp_path: Path, cluster: Cluster) -> Path:
 
 @pytest.fixture(autouse=True)
 def fast_config_poll(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(discovery_follow, "CONFIG_POLL_INTERVAL", 0.05)
+    monkeypatch.setattr(discovery_kubeconfig, "CONFIG_POLL_INTERVAL", 0.05)
 
 
 def make_settings(tmp_path: Path, kubeconfig: Path | None, **overrides: Any) -> Settings:

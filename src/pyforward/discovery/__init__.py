@@ -19,6 +19,11 @@ restarted fluent-bit with SIGKILL on every certificate change (shared/reference/
 
 kubernetes_asyncio is imported lazily, inside functions: ``import pyforward.discovery`` stays cheap and a
 static destination never loads it.
+
+Split by concern: `follow` (Discovery: the client's lifecycle, the state and the callbacks), `kubeconfig` (which
+configuration, the API client made from it, its changes), `watch` (one object followed by list + watch), `service`
+(the Service -> Target), `secret` (the Secret -> files), `errors` (API errors in one line), `pacing` (rate-limited
+error lines, backoff).
 """
 
 from pyforward.discovery.follow import Discovery

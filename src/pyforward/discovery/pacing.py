@@ -7,6 +7,10 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
+
+#: Logs a warning once per key (Discovery._warn_once): an object that stays wrong is not reported at every event.
+WarnOnce = Callable[[str, str], None]
 
 log = logging.getLogger("pyforward.discovery")  # one logger for the package, as before the split
 

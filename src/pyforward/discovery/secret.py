@@ -1,10 +1,15 @@
-"""The client certificate Secret's files, for the TLS layer."""
+"""The client certificate Secret: its keys decoded, and written to files for the TLS layer (only what changed,
+each file atomically)."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
+from typing import Any
 
 from pyforward.atomic import replace_file_async
+from pyforward.discovery.pacing import WarnOnce
 
 
 async def write_files(directory: Path, files: dict[str, bytes]) -> list[str]:
@@ -32,3 +37,26 @@ async def write_files(directory: Path, files: dict[str, bytes]) -> list[str]:
         await replace_file_async(path, content)
         written.append(name)
     return written
+
+
+def decode_secret(where: str, data: Any, keys: tuple[str, ...], warn_once: WarnOnce) -> dict[str, bytes] | None:
+    """The Secret's `keys` decoded, in that order; None (with a warning, never a value) when one is missing or not
+    base64."""
+    missing = [k for k in keys if not (isinstance(data, dict) and data.get(k))]
+    if missing:
+        present = sorted(data) if isinstance(data, dict) else []
+        warn_once(
+            f"secretkeys:{','.join(missing)}:{','.join(present)}",
+            f"{where} lacks key(s) {', '.join(missing)} (it has: {', '.join(present) or 'none'}); "
+            "set PYFORWARD_SECRET_CA_KEY/_CERT_KEY/_KEY_KEY to its key names; keeping the current files",
+        )
+        return None
+    decoded: dict[str, bytes] = {}
+    for key in keys:
+        try:
+            decoded[key] = base64.b64decode(data[key], validate=True)
+        except (binascii.Error, ValueError, TypeError):
+            # Never show the value.
+            warn_once(f"b64:{key}", f"{where} key {key} is not valid base64; keeping the current files")
+            return None
+    return decoded
