@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 from bench import charts
-from bench.run import HISTOGRAM_EDGES_MS, TARGETS, histogram
+from bench.report import TARGETS
+from bench.steady import HISTOGRAM_EDGES_MS, histogram
 
 #: The rendering tests need the bench extra (tests/run.sh installs it); the no-matplotlib path is tested anyway.
 needs_matplotlib = pytest.mark.skipif(
