@@ -39,9 +39,21 @@ def floor(lines: list[bytes]) -> dict[str, float]:
     return figures
 
 
-def throughput(ctx: Context, log_path: Path, events: int, size: int) -> dict[str, float]:
+#: The throughput figures measured of fluent-bit too, named fb_<figure> (bench/fluentbit.py).
+FLUENT_BIT_FIGURES = ("throughput_eps", "cpu_us_per_event", "peak_rss_mb", "wire_bytes_per_event")
+
+
+def throughput_fluent_bit(ctx: Context, log_path: Path, events: int, size: int) -> dict[str, float]:
+    """The throughput scenario with ctx.fluent_bit in place of `pyforward run`: fb_throughput_eps, ..."""
+    figures = throughput(ctx, log_path, events, size, fluent_bit=True)
+    return {f"fb_{key}": figures[key] for key in FLUENT_BIT_FIGURES}
+
+
+def throughput(ctx: Context, log_path: Path, events: int, size: int, *, fluent_bit: bool = False) -> dict[str, float]:
     sink = Sink(ctx.certs, ctx.workdir, expect=events)
-    shipper = Shipper(ctx.certs, log_path, ctx.workdir, sink.port, ctx.extra_env)
+    shipper = Shipper(
+        ctx.certs, log_path, ctx.workdir, sink.port, ctx.extra_env, fluent_bit=ctx.fluent_bit if fluent_bit else None
+    )
     try:
         with profiling(shipper.proc.pid, ctx.profile_to("throughput")):
             first = sink.wait("first", 60, shipper.alive)
@@ -51,7 +63,7 @@ def throughput(ctx: Context, log_path: Path, events: int, size: int) -> dict[str
         code = shipper.stop()
         stats = sink.stop()
     if code != 0:
-        raise RuntimeError(f"bench: pyforward run exited {code}")
+        raise RuntimeError(f"bench: {'fluent-bit' if fluent_bit else 'pyforward run'} exited {code}")
     elapsed = done["t"] - first["t"]
     return {
         "throughput_eps": events / elapsed,

@@ -33,6 +33,7 @@ class Context:
     workdir: Path
     extra_env: dict[str, str]
     profile: Path | None
+    fluent_bit: Path | None = None  # measured beside pyforward where given (bench/fluentbit.py)
 
     def profile_to(self, scenario: str) -> Path | None:
         if self.profile is None:
@@ -160,10 +161,17 @@ class Sink:
 
 class Shipper:
     """`pyforward run` (or `program`: bench/floor_shipper.py) with a clean PYFORWARD_* environment pointing at the
-    sink."""
+    sink; or `fluent_bit`, that binary with audit-forwarder's configuration pointing at it (bench/fluentbit.py)."""
 
     def __init__(
-        self, certs: Any, log_path: Path, workdir: Path, port: int, extra: dict[str, str], program: Path | None = None
+        self,
+        certs: Any,
+        log_path: Path,
+        workdir: Path,
+        port: int,
+        extra: dict[str, str],
+        program: Path | None = None,
+        fluent_bit: Path | None = None,
     ) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PYFORWARD_")}
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), os.environ.get("PYTHONPATH")]))
@@ -185,9 +193,17 @@ class Shipper:
             }
         )
         env.update(extra)
+        if fluent_bit is not None:  # configured by its file alone: no PYFORWARD_* (nor --env) in its environment
+            from bench import fluentbit
+
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PYFORWARD_")}
+            directory = workdir / f"fluent-bit-{time.monotonic_ns()}"
+            directory.mkdir()
+            argv = [str(fluent_bit), *fluentbit.config(directory, log_path, port, certs)]
+        else:
+            argv = [sys.executable, str(program)] if program is not None else [sys.executable, "-m", "pyforward", "run"]
         self.started = time.time()
-        argv = [str(program)] if program is not None else ["-m", "pyforward", "run"]
-        self.proc = subprocess.Popen([sys.executable, *argv], env=env, cwd=workdir)
+        self.proc = subprocess.Popen(argv, env=env, cwd=workdir)
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -75,6 +75,10 @@ ROWS: list[tuple[str, str, str]] = [
     ("cpu_us_per_event", "CPU per event, all threads (us)", "{:.1f}"),
     ("peak_rss_mb", "peak RSS shipping the corpus (MB)", "{:.1f}"),
     ("sink_cpu_us_per_event", "  sink CPU per event (us)", "{:.1f}"),
+    ("fb_throughput_eps", "fluent-bit, same corpus and sink (events/s)", "{:,.0f}"),
+    ("fb_cpu_us_per_event", "  fluent-bit CPU per event (us)", "{:.1f}"),
+    ("fb_peak_rss_mb", "  fluent-bit peak RSS (MB)", "{:.1f}"),
+    ("fb_wire_bytes_per_event", "  fluent-bit bytes on the wire per event", "{:.0f}"),
     ("wire_bytes_per_event", "  bytes on the wire per event", "{:.0f}"),
     ("startup_s", "start-up to first request (s)", "{:.2f}"),
     ("latency_p50_ms", "latency write->ack p50 (ms)", "{:.1f}"),
@@ -99,6 +103,8 @@ def steady_rows(label: str) -> list[tuple[str, str, str]]:
         (f"steady_{label}_floor_cpu", "  floor shipper's CPU (steady-floor)", "{:.2%}"),
         (f"steady_{label}_floor_p99_ms", "  floor shipper's append->ack p99 (ms)", "{:.1f}"),
         (f"steady_{label}_of_floor", "  pyforward's CPU / the floor's", "{:.2f}"),
+        (f"steady_{label}_fb_cpu", "  fluent-bit's CPU", "{:.2%}"),
+        (f"steady_{label}_fb_p99_ms", "  fluent-bit's append->ack p99 (ms)", "{:.1f}"),
     ]
 
 

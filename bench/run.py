@@ -41,13 +41,13 @@ from typing import Any
 if __package__ in (None, ""):  # `python bench/run.py`: the bench package is found from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench import harness
-from bench.bulk import backlog, floor, throughput
+from bench import fluentbit, harness
+from bench.bulk import backlog, floor, throughput, throughput_fluent_bit
 from bench.harness import RESULTS, Context, corpus, count_lines
 from bench.latency import latency
 from bench.report import TARGETS, git_rev, heavy_imports, table, versions
 from bench.soak import soak
-from bench.steady import rate_label, steady, steady_floor
+from bench.steady import rate_label, steady, steady_other
 
 SCENARIOS = {"floor", "throughput", "latency", "backlog", "steady", "steady-floor", "soak"}
 
@@ -117,6 +117,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON results")
     parser.add_argument("--compare", type=Path, default=None, help="a results JSON to show side by side")
     parser.add_argument("--charts", type=Path, default=None, metavar="DIR", help="the PNG charts here too")
+    parser.add_argument(
+        "--fluent-bit",
+        default=None,
+        metavar="PATH",
+        help="fluent-bit to measure beside pyforward in throughput and steady (default: $FLUENT_BIT, else fluent-bit "
+        "on PATH; 'none': do not)",
+    )
     return parser.parse_args(argv)
 
 
@@ -145,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     soak_detail: list[dict[str, Any]] = []
     extra_env = dict(item.split("=", 1) for item in args.env)
     compare = json.loads(args.compare.read_text())["medians"] if args.compare else None
+    fluent_bit = fluentbit.find(args.fluent_bit)
+    fluent_bit_version = fluentbit.version(fluent_bit) if fluent_bit is not None else None
 
     from pyforward.devcerts import write_dev_certs
 
@@ -154,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pyforward-bench-") as tmp:
         workdir = Path(tmp)
         certs = write_dev_certs(workdir / "certs")
-        ctx = Context(certs=certs, workdir=workdir, extra_env=extra_env, profile=args.profile)
+        ctx = Context(certs=certs, workdir=workdir, extra_env=extra_env, profile=args.profile, fluent_bit=fluent_bit)
         corpus_path = corpus(args.cache, events)
         corpus_size = corpus_path.stat().st_size
         lines = corpus_path.read_bytes().splitlines() if "floor" in only else []
@@ -167,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
                 figures.update(floor(lines))
             if "throughput" in only:
                 figures.update(throughput(ctx, corpus_path, events, corpus_size))
+                if fluent_bit is not None:
+                    figures.update(throughput_fluent_bit(ctx, corpus_path, events, corpus_size))
                 if "floor_eps" in figures:
                     figures["of_floor"] = figures["throughput_eps"] / figures["floor_eps"]
                 if "floor_encode_eps" in figures:
@@ -179,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
                 steady_figures, detail = steady(ctx, steady_rates, steady_warmup, steady_seconds)
                 figures.update(steady_figures)
                 steady_detail.append(detail)
+                if fluent_bit is not None:
+                    figures.update(steady_other(ctx, steady_rates, steady_warmup, steady_seconds, "fb"))
             if "steady-floor" in only:
-                figures.update(steady_floor(ctx, steady_rates, steady_warmup, steady_seconds))
+                figures.update(steady_other(ctx, steady_rates, steady_warmup, steady_seconds, "floor"))
                 for rate in steady_rates:
                     label = rate_label(rate)
                     mine, least = figures.get(f"steady_{label}_cpu"), figures.get(f"steady_{label}_floor_cpu")
@@ -211,6 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         f"python {info['python']}, orjson {info['orjson']}, msgpack {info['msgpack']}, uvloop {info['uvloop']}"
     )
     print(table(medians, header, compare))
+    if fluent_bit is not None:
+        print(f"fluent-bit: {fluent_bit} ({fluent_bit_version}), audit-forwarder's configuration, measured in this run")
+    elif only & {"throughput", "steady"}:
+        print("\n".join(fluentbit.reference_lines()))
     heavy = heavy_imports()
     print(f"heavy optional modules imported by `pyforward run` at start: {', '.join(heavy) or 'none'}")
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -226,9 +243,17 @@ def main(argv: list[str] | None = None) -> int:
         "medians": medians,
         "targets": {k: {"how": h, "value": v} for k, (h, v) in TARGETS.items()},
         "load": {"before": load_before, "after": load_after},
+        "cpus": os.cpu_count(),
         "seconds": time.time() - started,
         "env": extra_env,
         "heavy_imports": heavy,
+        "fluent_bit": {
+            "binary": str(fluent_bit) if fluent_bit else None,
+            "version": fluent_bit_version,
+            "reference": {
+                key: {"value": value, "source": where} for key, (value, where) in fluentbit.REFERENCE.items()
+            },
+        },
     }
     if steady_detail:
         # Chart-friendly: per rate, the medians of the runs' figures, and the first run's samples and histogram.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime as _dt
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +15,17 @@ from bench.harness import SEED, Context, Sampler, Shipper, Sink, profiling
 
 def slope_per_hour(points: list[tuple[float, float]]) -> float:
     """Least-squares slope of (t seconds, y) points, in y per hour."""
-    if len(points) < 2:
-        return 0.0
+    return least_squares(points)[0] * 3600 if len(points) >= 2 else 0.0
+
+
+def least_squares(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """(slope per second, intercept) of y over t (the soak chart draws the line)."""
     n = len(points)
     mean_t = sum(t for t, _ in points) / n
     mean_y = sum(y for _, y in points) / n
     var = sum((t - mean_t) ** 2 for t, _ in points)
-    if var == 0:
-        return 0.0
-    return sum((t - mean_t) * (y - mean_y) for t, y in points) / var * 3600
+    slope = sum((t - mean_t) * (y - mean_y) for t, y in points) / var if var else 0.0
+    return slope, mean_y - slope * mean_t
 
 
 def prefill_backups(log_path: Path, count: int) -> None:

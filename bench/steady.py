@@ -46,14 +46,15 @@ def rate_label(rate: float) -> str:
 
 
 def steady_rate(
-    ctx: Context, rate: float, warmup: float, window: float, *, floor: bool = False
+    ctx: Context, rate: float, warmup: float, window: float, *, variant: str = ""
 ) -> tuple[dict[str, float], dict[str, Any]]:
     """One `pyforward run` (default settings, mTLS + acks + gzip) and one rate: events appended one write
-    each for `warmup` + `window` seconds; CPU, RSS and append->ack latency over the window. `floor`: the same with
-    bench/floor_shipper.py in its place; the figures are named steady_{rate}_floor_*."""
+    each for `warmup` + `window` seconds; CPU, RSS and append->ack latency over the window. `variant` "floor": the
+    same with bench/floor_shipper.py in its place, "fb" with ctx.fluent_bit; the figures are named
+    steady_{rate}_{variant}_*."""
     from pyforward.auditgen import audit_id, generate_events
 
-    label = rate_label(rate) + ("_floor" if floor else "")
+    label = rate_label(rate) + (f"_{variant}" if variant else "")
     directory = ctx.workdir / f"steady-{label}-{time.monotonic_ns()}"
     directory.mkdir()
     log_path = directory / "audit.log"
@@ -65,7 +66,13 @@ def steady_rate(
     ids_file = directory / "acked.txt"
     sink = Sink(ctx.certs, ctx.workdir, expect=len(primer) + len(lines), ids=ids_file)
     shipper = Shipper(
-        ctx.certs, log_path, ctx.workdir, sink.port, ctx.extra_env, program=FLOOR_SHIPPER if floor else None
+        ctx.certs,
+        log_path,
+        ctx.workdir,
+        sink.port,
+        ctx.extra_env,
+        program=FLOOR_SHIPPER if variant == "floor" else None,
+        fluent_bit=ctx.fluent_bit if variant == "fb" else None,
     )
     sampler: Sampler | None = None
     try:
@@ -129,15 +136,16 @@ def steady_rate(
     return figures, detail
 
 
-def steady_floor(ctx: Context, rates: list[float], warmup: float, window: float) -> dict[str, float]:
-    """steady_rate of bench/floor_shipper.py for each rate: steady_{rate}_floor_cpu and _p99_ms."""
+def steady_other(ctx: Context, rates: list[float], warmup: float, window: float, variant: str) -> dict[str, float]:
+    """steady_rate of another shipper for each rate (`variant` "floor": bench/floor_shipper.py, "fb": fluent-bit):
+    steady_{rate}_{variant}_cpu and _p99_ms."""
     figures: dict[str, float] = {}
     for rate in rates:
-        one, _ = steady_rate(ctx, rate, warmup, window, floor=True)
+        one, _ = steady_rate(ctx, rate, warmup, window, variant=variant)
         label = rate_label(rate)
         for figure in ("cpu", "p99_ms"):
-            if f"steady_{label}_floor_{figure}" in one:
-                figures[f"steady_{label}_floor_{figure}"] = one[f"steady_{label}_floor_{figure}"]
+            if f"steady_{label}_{variant}_{figure}" in one:
+                figures[f"steady_{label}_{variant}_{figure}"] = one[f"steady_{label}_{variant}_{figure}"]
     return figures
 
 
