@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pyforward.discovery.errors import Reconnect, describe
@@ -54,31 +54,26 @@ class Discovery:
         self._config_errors = RateLimitedLog(
             "Kubernetes configuration", "keeping the last destination and certificates, retrying"
         )
-        ns = settings.namespace
-        self._service = Watched(
-            kind="Service",
-            name=settings.service_name,
-            namespace=ns,
-            connect_timeout=settings.connect_timeout,
-            apply=self._apply_service,
-            backoff=Backoff(settings.backoff_initial, settings.backoff_max),
-            errors=RateLimitedLog(
-                f"watching Service {ns}/{settings.service_name}", "keeping the last destination, retrying"
-            ),
+        self._service = self._watched("Service", settings.service_name, self._apply_service, "destination")
+        self._secret = (
+            self._watched("Secret", settings.secret_name, self._apply_secret, "certificates")
+            if settings.secret_name
+            else None
         )
-        self._secret: Watched | None = None
-        if settings.secret_name:
-            self._secret = Watched(
-                kind="Secret",
-                name=settings.secret_name,
-                namespace=ns,
-                connect_timeout=settings.connect_timeout,
-                apply=self._apply_secret,
-                backoff=Backoff(settings.backoff_initial, settings.backoff_max),
-                errors=RateLimitedLog(
-                    f"watching Secret {ns}/{settings.secret_name}", "keeping the last certificates, retrying"
-                ),
-            )
+
+    def _watched(
+        self, kind: str, name: str, apply: Callable[[dict[str, Any] | None], Awaitable[None]], kept: str
+    ) -> Watched:
+        settings = self.settings
+        return Watched(
+            kind=kind,
+            name=name,
+            namespace=settings.namespace,
+            connect_timeout=settings.connect_timeout,
+            apply=apply,
+            backoff=Backoff(settings.backoff_initial, settings.backoff_max),
+            errors=RateLimitedLog(f"watching {kind} {settings.namespace}/{name}", f"keeping the last {kept}, retrying"),
+        )
 
     # --- public API ----------------------------------------------------------------------------------------
     @property
