@@ -22,6 +22,13 @@ steady      a sidecar's everyday life (issue 11): events appended at 0, 100 and 
 steady-floor  the same, with bench/floor_shipper.py in place of `pyforward run`: the least a shipper does per
             chunk (wake, read, encode, gzip, TLS write) in the plainest asyncio loop, no acks read, no
             checkpoint. Its CPU is the floor that steady's CPU is shown against (steady_*_of_floor).
+soak        only when named: RSS over minutes to hours through rotations and receiver restarts (soak.py).
+
+Where a fluent-bit binary is found (--fluent-bit, $FLUENT_BIT, PATH), throughput and steady measure it too, with
+audit-forwarder's configuration (fb_* figures, fluentbit.py); else the reference figures are printed.
+
+Modules: harness (processes, sink control, sampler, corpus), bulk (floor, throughput, backlog), latency, steady,
+soak, fluentbit, report (targets, the table), charts; this one has the command line.
 """
 
 from __future__ import annotations
