@@ -5,9 +5,9 @@ output exactly once. A sender with record_ranges off is at-least-once, as before
 
 Why the rotation size: without the spool (issue 21) a file that was sent from but not checkpointed yet, and was then
 rotated and gzipped while `pyforward run` was down, is read from its .gz under a new source id (docs/protocol.md).
-The checkpoint trails what was sent by at most max_inflight_bytes (128 KiB here), so that takes a rotation of more
-than the log size minus that during a restart: the rotation size here (1 MiB in CI, 4 MiB long, at ~100-250 KiB/s) leaves seconds of margin.
-With the defaults (16 MiB in flight, the API server's 100 MB files) it is the same.
+The checkpoint trails what was sent by at most max_inflight_bytes (128 KiB here), so that takes the writer filling
+the rest of a file during a restart: the rotation size here (1 MiB in CI, 4 MiB long, at ~100-250 KiB/s) leaves
+seconds of margin. With the defaults (16 MiB in flight, the API server's 100 MB files) it is the same.
 """
 
 from __future__ import annotations
