@@ -3,7 +3,8 @@
 The file is the buffer. Memory holds the chunk being built and the chunks in flight, under
 ``max_inflight_bytes``; the checkpoint moves only to the end of the last contiguous range of acked chunks
 (fluent-bit #5912 saves offsets when lines are read, and loses them on a crash). Delivery is at-least-once:
-after a crash only the chunks in flight (and those acked after the last checkpoint write) are sent again.
+after a crash only the chunks in flight (and those acked after the last checkpoint write) are sent again; each chunk
+says which bytes of which file its records are (ranges.py), so `pyforward receive` writes each of them once.
 """
 
 from __future__ import annotations
