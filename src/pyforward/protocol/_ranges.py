@@ -112,9 +112,10 @@ def parse_ranges(options: Mapping[str, Any], entries: int, skipped: int = 0) -> 
         raise RangeError("record ranges of an empty request")
     # Each length a positive int (a record is at least its newline, or one byte of an unterminated last line); the
     # sum cannot overflow Python ints, but it must stay a file offset. Positive lengths make the ranges increasing.
-    for length in lengths:
-        if type(length) is not int or length < 1:
-            raise RangeError(f"{OPTION_LENGTHS} holds {_short(length)}, not a positive length")
+    # Checked with builtins (map, set, min: no Python code per record, ~10 ns a record).
+    if set(map(type, lengths)) != {int} or min(lengths) < 1:
+        bad = next(n for n in lengths if type(n) is not int or n < 1)
+        raise RangeError(f"{OPTION_LENGTHS} holds {_short(bad)}, not a positive length")
     end = offset + sum(lengths)
     if end > MAX_OFFSET:
         raise RangeError(f"record ranges end at {end}, beyond any file offset")

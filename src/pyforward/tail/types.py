@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from itertools import repeat
+from operator import add as _add
 
 from pyforward.checkpoint import Position
 
@@ -32,7 +34,7 @@ class LineBatch:
     def lengths(self) -> list[int]:
         """The source bytes of each line, newline included: a cut line counts its whole original length, an
         unterminated last line what it had (pyforward.lengths on the wire, issue 22). They end at `end.offset`."""
-        lengths = [len(line) + 1 for line in self.lines]
+        lengths = list(map(_add, map(len, self.lines), repeat(1)))  # len + 1 each, without Python code per line
         for index, original in self.truncated:
             lengths[index] = original + 1
         if self.unterminated:
