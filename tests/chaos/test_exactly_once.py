@@ -22,7 +22,15 @@ from tests.chaos.conftest import Figures
 from tests.chaos.test_faults import SETTINGS, BackgroundWriter, budget_events, in_flight, seed_from_env
 from tests.chaos.tools import MODES, env_for
 from tests.conftest import free_port
-from tests.harness import Harness, ReceivedIds, ReceiverProcess, RunProcess, assert_delivered, try_metrics
+from tests.harness import (
+    Harness,
+    ReceivedIds,
+    ReceiverProcess,
+    RunProcess,
+    assert_delivered,
+    harness_at,
+    try_metrics,
+)
 
 
 def _dropped(bind: str) -> int:
@@ -133,3 +141,31 @@ def test_sigkill_run_and_receiver_exactly_once(harness: Harness, figures: Figure
 def test_record_ranges_off_is_at_least_once(harness: Harness, figures: Figures, mode: str) -> None:
     """A sender with record_ranges off (or any other sender) still works: nothing lost, duplicates as before."""
     _scenario(harness, figures, mode, targets=["run"], ranges=False)
+
+
+@pytest.mark.chaos
+def test_two_senders_sigkilled_exactly_once(harness: Harness) -> None:
+    """Two `pyforward run` processes (two API servers' logs, so two sets of sources) ship into one receiver at once;
+    each is SIGKILLed four times at random moments: every event of both exactly once."""
+    seed = seed_from_env()
+    rng = random.Random(seed)
+    receiver = harness.receiver("plain")
+    output = receiver.received()
+    with harness_at(harness.root / "second") as other:
+        writers = [harness.audit_log(max_bytes=1 << 20), other.audit_log(max_bytes=1 << 20, prefix="f")]
+        runs = [h.run(env_for(h, receiver, settings=SETTINGS)) for h in (harness, other)]
+        with BackgroundWriter(writers[0], burst=(3, 10), pause=0.05, seed=seed + 1), \
+                BackgroundWriter(writers[1], burst=(3, 10), pause=0.05, seed=seed + 2):  # fmt: skip
+            for kill in range(8):
+                run = runs[kill % 2]
+                more = rng.randrange(1, 200)
+                target = len(output.refresh()) + more
+                run.wait_until(lambda: len(output.refresh()) >= target, 120, what=f"kill {kill}: {more} more events")  # noqa: B023
+                assert run.kill() == -signal.SIGKILL
+                run.start()
+        ids = writers[0].ids + writers[1].ids
+        for run in runs:
+            harness.wait_delivered(ids, output, run=run, timeout=300)
+        for run in runs:
+            assert run.terminate() == 0
+    assert_delivered(ids, output.refresh(), max_duplicates=0, context=f"seed {seed}, two senders, 8 kills")

@@ -4,8 +4,11 @@ sockets, real files (the processes with SIGKILL are in tests/chaos/test_exactly_
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import errno
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -218,3 +221,35 @@ async def test_metrics(tmp_path: Path) -> None:
     assert 'pyforward_receiver_duplicates_dropped_total{unit="bytes"} 30.0' in body
     assert "pyforward_receiver_sources_tracked 1.0" in body
     assert "pyforward_receiver_records_total 3.0" in body
+
+
+async def test_sync_writes_and_acks(tmp_path: Path) -> None:
+    async with running(tmp_path, sync=True, dedup_state=tmp_path / "marks") as (receiver, port, output):
+        await send(port, chunk(A, 0, 3))
+        await send(port, chunk(A, 0, 3, chunk_id="again"))
+        assert seqs(output) == [0, 1, 2]
+        assert receiver.marks is not None
+        assert receiver.marks.save_errors == 0
+
+
+def test_cli_state_beside_the_output_and_a_foreign_state_file(tmp_path: Path) -> None:
+    from pyforward.receiver.cli import config_from_args, configure_parser
+
+    parser = argparse.ArgumentParser()
+    configure_parser(parser)
+    config = config_from_args(parser.parse_args(["--output", str(tmp_path / "out.jsonl")]), {})
+    assert config.exactly_once
+    assert config.dedup_state == tmp_path / "out.jsonl.pyforward-marks"
+    assert config_from_args(parser.parse_args([]), {}).dedup_state is None  # standard output: in memory
+    off = config_from_args(parser.parse_args(["--no-exactly-once", "--dedup-max-sources", "9"]), {})
+    assert (off.exactly_once, off.dedup_max_sources) == (False, 9)
+    foreign = tmp_path / "foreign"
+    foreign.write_text("not a state file\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pyforward", "receive", "--bind", "127.0.0.1:0", "--output", str(tmp_path / "o"),
+         "--dedup-state", str(foreign)],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert "is not a pyforward receive exactly-once state file" in lines[-1]
