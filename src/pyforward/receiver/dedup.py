@@ -13,9 +13,11 @@ Writes go through the output's one writer, in order (output.py). Per source:
   so that a re-send that arrives while the first copy is still being written waits for that write instead of being
   written twice; its ack waits for ``chain``, which resolves once every write queued for the source has been written
   and fails if any of them failed.
-* A failed write (ENOSPC...) resets ``submitted`` to ``written`` and starts a new `generation`: a later write of the
-  source that was queued before the failure and succeeds does not move ``written`` past the records that failed (they
-  are re-sent, not acked, and must be written then).
+* A failed write (ENOSPC...) resets ``submitted`` to ``written`` and starts a new `generation` (the writer calls
+  `failed` before the futures fail): a later write of the source that was queued before the failure and succeeds does
+  not move ``written`` past the records that failed (they are re-sent, not acked, and must be written then). Until
+  writes from their start have covered those records (``hole``), a write of later records (a sender that does not
+  re-send in order) is written but moves nothing: re-sent, it is written again (a duplicate, never a loss).
 * ``written`` moves, and the source's slot in the state file (markfile.py) is written, after the output's write and
   before the ack (output.py's writer does the three in that order).
 
@@ -48,11 +50,14 @@ class _Source:
     seen: float  # wall-clock time of its last request (forgetting survives restarts)
     slot: int  # its slot in the state file (0: none, memory only)
     generation: int = 0  # bumped by a failed write: writes queued before it do not move `written`
+    hole: tuple[int, int] | None = None  # the records of failed writes not written since: [start, end)
     chain: asyncio.Future[None] | None = None  # every write queued for it: done, or failed
 
 
-#: What a queued write carries for the writer: the source, the end its records reach, the generation queued in.
-Mark = tuple[_Source, int, int]
+#: What a queued write carries for the writer: the source, where its records begin and end, the generation queued in
+#: (_BEYOND_HOLE: a write that must not move the mark).
+Mark = tuple[_Source, int, int, int]
+_BEYOND_HOLE = -1
 
 
 class SourceMarks:
@@ -106,6 +111,8 @@ class SourceMarks:
         """Queue what of `request` is not written yet (through `write`); returns the future its ack waits for and the
         number of records queued."""
         src = self._source(ranges.source)
+        if src.chain is not None and src.chain.done():  # (its callback may not have run yet)
+            self._settled(src, src.chain)
         skip = ranges.ends_at_or_before(src.submitted)
         if skip:
             self.dropped_records += skip
@@ -114,8 +121,12 @@ class SourceMarks:
         if skip == len(ranges.lengths):
             return (chain if chain is not None else _done()), 0
         part = request if not skip else dataclasses.replace(request, entries=request.entries[skip:])
-        future = write(part, (src, ranges.end, src.generation))
-        src.submitted = ranges.end
+        start = ranges.offset + ranges.bytes_of(skip) if skip else ranges.offset
+        if src.hole is not None and start > src.hole[0]:
+            future = write(part, (src, start, ranges.end, _BEYOND_HOLE))
+        else:
+            future = write(part, (src, start, ranges.end, src.generation))
+            src.submitted = ranges.end
         if chain is not None:
             future = _both(chain, future)
         src.chain = future
@@ -127,8 +138,7 @@ class SourceMarks:
             return  # a later write is chained on it and settles for both
         src.chain = None
         if future.cancelled() or future.exception() is not None:
-            src.generation += 1
-            src.submitted = src.written
+            src.submitted = src.written  # (the writer's `failed` started a new generation already)
 
     def _source(self, source: str) -> _Source:
         now = self._clock()
@@ -169,7 +179,7 @@ class SourceMarks:
         if self._file is None:
             return []
         ends: dict[_Source, int] = {}
-        for src, end, generation in marks:
+        for src, _, end, generation in marks:
             if generation == src.generation and src.slot:
                 ends[src] = max(end, ends.get(src, src.written))
         return [(src.slot, encode_slot(src.source, end, src.seen)) for src, end in ends.items()]
@@ -194,10 +204,27 @@ class SourceMarks:
             )
 
     @staticmethod
+    def failed(marks: list[Mark]) -> None:
+        """The output write of `marks` failed (on the loop, before its futures fail): their records are a hole that
+        later writes may not move the mark past, and a new generation for their sources, so that a write queued before
+        now does not move it either."""
+        for src, start, end, generation in marks:
+            hole = src.hole
+            src.hole = (start, end) if hole is None else (min(hole[0], start), max(hole[1], end))
+            if generation == src.generation:
+                src.generation += 1
+                src.submitted = src.written
+
+    @staticmethod
     def committed(marks: list[Mark]) -> None:
         """The output write of `marks` succeeded (on the loop, before the acks)."""
-        for src, end, generation in marks:
-            if generation == src.generation and end > src.written:
+        for src, start, end, generation in marks:
+            if generation != src.generation:
+                continue
+            hole = src.hole
+            if hole is not None and start <= hole[0]:
+                src.hole = None if end >= hole[1] else (end, hole[1])  # written from the hole's start to `end`
+            if end > src.written:
                 src.written = end
 
     def close(self) -> None:

@@ -109,6 +109,8 @@ class _Writer:
                     await asyncio.to_thread(self._write, data, slots)
                 except Exception as exc:  # an OSError in practice; anything else must not kill the writer
                     error = exc if isinstance(exc, OSError) else OSError(str(exc))
+                    if marks:
+                        self._marks.failed(marks)  # type: ignore[union-attr]
                     for _, future, _ in batch:
                         if not future.done():
                             future.set_exception(error)
