@@ -203,8 +203,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "keeps, per source, the end of what it has written: a record that ends at or before it is a re-send (after "
         "a crash, restart or reconnect of the sender) and is acked without being written again "
         "(pyforward_receiver_duplicates_dropped_total); anything else is written. Senders without these options "
-        "(fluent-bit, fluentd, pyforward with record_ranges off) are at-least-once, as before. Ranges that make no "
-        "sense close the connection.",
+        "(fluent-bit, fluentd, pyforward with record_ranges off) are at-least-once, as before; a third-party receiver "
+        "(fluentd, fluent-bit) sent these options ignores them (the Forward spec's unknown options) and is "
+        "at-least-once. Ranges that make no sense close the connection.",
     )
     once.add_argument(
         "--no-exactly-once",
