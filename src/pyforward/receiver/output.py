@@ -103,20 +103,21 @@ class _Writer:
             batch, self._queue = self._queue, []
             if batch:
                 data = batch[0][0] if len(batch) == 1 else b"".join(item[0] for item in batch)
-                marks = [item[2] for item in batch if item[2] is not None]
-                slots = self._marks.plan(marks) if self._marks is not None and marks else []
+                state = self._marks
+                marks = [item[2] for item in batch if item[2] is not None] if state is not None else []
+                slots = state.plan(marks) if state is not None and marks else []
                 try:
                     await asyncio.to_thread(self._write, data, slots)
                 except Exception as exc:  # an OSError in practice; anything else must not kill the writer
                     error = exc if isinstance(exc, OSError) else OSError(str(exc))
-                    if marks:
-                        self._marks.failed(marks)  # type: ignore[union-attr]
+                    if state is not None and marks:
+                        state.failed(marks)
                     for _, future, _ in batch:
                         if not future.done():
                             future.set_exception(error)
                 else:
-                    if marks:
-                        self._marks.committed(marks)  # type: ignore[union-attr]
+                    if state is not None and marks:
+                        state.committed(marks)
                     for _, future, _ in batch:
                         if not future.done():
                             future.set_result(None)
