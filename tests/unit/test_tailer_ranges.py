@@ -104,3 +104,16 @@ async def test_truncated_file_is_a_new_source(api: Apiserver, make_tailer: Calla
     after = await batches(tailer, MiB)
     assert before[0].source != after[0].source == _expected_id(api.path)
     _check_ranges(after[0], api.path.read_bytes(), 4 << 20)
+
+
+async def test_first_line_longer_than_the_fingerprint(api: Apiserver, make_tailer: Callable[..., Tailer]) -> None:
+    api.append(b"y" * (FINGERPRINT_BYTES + 900) + b"\n")
+    api.write(3)
+    tailer = make_tailer(api.path, max_line_bytes=1000)
+    await tailer.open()
+    got = await batches(tailer, MiB)
+    st = os.stat(api.path)
+    head = api.path.read_bytes()[:FINGERPRINT_BYTES]
+    assert got[0].source == f"{st.st_dev}:{st.st_ino}:{hashlib.sha256(head).hexdigest()[:16]}"
+    assert got[0].lengths()[0] == FINGERPRINT_BYTES + 901  # the whole line, although it was cut to 1000 bytes
+    _check_ranges(got[0], api.path.read_bytes(), 1000)
