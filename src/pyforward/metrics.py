@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -50,6 +50,13 @@ CERT_KINDS = ("receiver", "proxy")
 RESTARTED_TASKS = ("discovery", "metrics")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class Served(Protocol):
+    """What the endpoint serves: `Metrics`, or `pyforward receive`'s (receiver/metrics.py)."""
+
+    registry: CollectorRegistry
+    task_restarts: Counter
 
 
 class Metrics:
@@ -256,7 +263,7 @@ def readyz(health: HealthState) -> tuple[int, str]:
     )
 
 
-def make_app(metrics: Metrics, health: HealthState, loop_stall_seconds: float = 5.0) -> WSGIApp:
+def make_app(metrics: Served, health: HealthState, loop_stall_seconds: float = 5.0) -> WSGIApp:
     metrics_app = make_wsgi_app(metrics.registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -379,7 +386,7 @@ class Server:
         self._httpd.server_close()
 
 
-def start_server(bind: str, metrics: Metrics, health: HealthState, loop_stall_seconds: float = 5.0) -> Server:
+def start_server(bind: str, metrics: Served, health: HealthState, loop_stall_seconds: float = 5.0) -> Server:
     """Serve /metrics, /healthz and /readyz on ``bind`` (HOST:PORT, port 0 allowed) from a daemon thread."""
     host, port = parse_bind(bind)
     server_class: type[WSGIServer] = _ThreadingWSGIServer

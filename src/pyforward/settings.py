@@ -149,6 +149,14 @@ class Settings(BaseSettings):
     compress_level: int = Field(
         1, ge=1, le=9, description="gzip level (1 is fastest).", json_schema_extra=_group("records")
     )
+    record_ranges: bool = Field(
+        True,
+        description="Send with each chunk its source file's id and each record's byte range in it (options "
+        "pyforward.source, pyforward.offset, pyforward.lengths: docs/protocol.md), so that pyforward receive writes "
+        "every event exactly once across crashes and retries; other receivers ignore them (at-least-once). false: "
+        "chunks carry only size and chunk, as before.",
+        json_schema_extra=_group("records"),
+    )
     max_inflight_bytes: ByteCount = Field(
         16 << 20,
         description="Bound on source bytes read but not yet acked: the file is the buffer, memory stays flat.",

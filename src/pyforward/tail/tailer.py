@@ -58,6 +58,8 @@ class _Batch:
     start: int | None = None  # line boundary in the batch's file where it starts
     end: Position | None = None
     caught_up: bool = False
+    source: str = ""
+    unterminated: bool = False
 
 
 class Tailer(StartResolution, RotationDetection):
@@ -162,8 +164,9 @@ class Tailer(StartResolution, RotationDetection):
         if batch.truncated:
             self.stats.long_line_bytes_dropped += sum(n - max_line for _, n in batch.truncated)
         return LineBatch(
-            lines=batch.lines, end=batch.end, size=size, truncated=batch.truncated, caught_up=batch.caught_up
-        )
+            lines=batch.lines, end=batch.end, size=size, truncated=batch.truncated, caught_up=batch.caught_up,
+            source=batch.source, unterminated=batch.unterminated,
+        )  # fmt: skip
 
     async def wait(self, timeout: float | None) -> None:
         """Return when the log may have changed (inotify, else polling every poll_interval) or on timeout.
@@ -244,6 +247,7 @@ class Tailer(StartResolution, RotationDetection):
         self._line_off += advanced
         if len(batch.lines) > before:
             batch.end = self._position()
+            batch.source = self._cur.source_id() if self._cur is not None else ""
         if self._buf_pos >= len(self._buf):
             self._buf, self._buf_pos = b"", 0
 
@@ -315,6 +319,8 @@ class Tailer(StartResolution, RotationDetection):
             self._line_off += self._lines.flush(batch.lines, batch.truncated)
             if len(batch.lines) > before:
                 batch.end = self._position()
+                batch.source = src.source_id()
+                batch.unterminated = True  # flush() returns only a line its file ended without a newline
             self._finish(src)
             if batch.lines:
                 return  # a batch ends with its file: its end Position names one file
