@@ -15,13 +15,12 @@ import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pyforward.certs import CertError
 from pyforward.checkpoint import AckTracker, CheckpointError, CheckpointWriter, Position, load_checkpoint, not_writable
+from pyforward.chunks import COMPRESS_AHEAD, INLINE_GZIP_BYTES, Building, ByteBudget, build_compressed
 from pyforward.client import ForwardClient, NoDestination, Stream
 from pyforward.connection import (
     StartupError,
@@ -44,59 +43,6 @@ if TYPE_CHECKING:
     from pyforward.metrics import HealthState, Metrics
 
 log = logging.getLogger("pyforward.run")
-
-
-class ByteBudget:
-    """Bound on source bytes in flight (submitted, not yet acked). One chunk always fits when nothing is in flight."""
-
-    def __init__(self, limit: int, on_wait: Callable[[], None] | None = None) -> None:
-        self.limit = limit
-        self.used = 0
-        self.waiting = False  # a chunk waits for room
-        self._on_wait = on_wait  # called before each wait for room
-        self._changed = asyncio.Event()
-
-    async def acquire(self, size: int) -> None:
-        while self.used and self.used + size > self.limit:
-            if self._on_wait is not None:
-                self._on_wait()
-            self._changed.clear()
-            self.waiting = True
-            try:
-                await self._changed.wait()
-            finally:
-                self.waiting = False
-        self.used += size
-
-    def release(self, size: int) -> None:
-        self.used -= size
-        self._changed.set()
-
-
-@dataclass
-class _Building:
-    """The chunk being filled: packed entries, source bytes, where it ends in the log."""
-
-    entries: list[bytes]
-    size: int = 0
-    due: float = 0.0  # monotonic time by which it leaves (its first line waited the latency budget then)
-    batched: bool = False  # its lines came while the writer was writing steadily (not after a quiet spell)
-    end: Position | None = None
-    ranges: ChunkRanges | None = None  # its records' pyforward.* options (None: record_ranges off)
-
-
-#: Smaller chunks (source bytes) are compressed in the event loop: ISA-L gzip of 256 KiB takes ~0.3 ms, about what a
-#: round trip through a worker thread costs here in CPU and wakeups, and at steady rates every chunk is smaller (a
-#: latency budget at 1,000 events/s is ~80 KiB). Bulk chunks (1 MiB) overlap with parsing in the gzip thread.
-_INLINE_GZIP_BYTES = 256 << 10
-#: Chunks compressing or waiting for the gzip thread: one being compressed while the next is being read.
-_COMPRESS_AHEAD = 2
-
-
-def _build_compressed(
-    tag: str, blob: bytes, records: int, size: int, level: int, seq: int, extra: dict[str, Any] | None
-) -> Chunk:
-    return build_chunk(tag, blob, records, size=size, compress=True, level=level, position=seq, extra=extra)
 
 
 class Pipeline:
@@ -152,7 +98,7 @@ class Pipeline:
         self._compressor: ThreadPoolExecutor | None = None
         # Chunks handed to the compressor and not yet compressed: bounded, so that a starved gzip thread holds at
         # most this many uncompressed chunks in memory, whatever max_inflight_bytes allows.
-        self._compress_slots = asyncio.Semaphore(_COMPRESS_AHEAD)
+        self._compress_slots = asyncio.Semaphore(COMPRESS_AHEAD)
 
     # --- start-up ------------------------------------------------------------------------------------------
     def check_startup(self) -> Position | None:
@@ -269,7 +215,7 @@ class Pipeline:
             self.metrics.chunks_retried.inc(count)
 
     # --- the read loop -------------------------------------------------------------------------------------
-    async def _submit(self, building: _Building) -> None:
+    async def _submit(self, building: Building) -> None:
         """Close the chunk being built: wait for room under the in-flight bound, then queue it for the sender.
 
         Cancelled while waiting, the chunk stays in `building` (the shutdown sends it).
@@ -280,7 +226,7 @@ class Pipeline:
         assert self._outbox is not None
         settings = self.settings
         size = building.size
-        in_thread = settings.compress == "gzip" and size > _INLINE_GZIP_BYTES
+        in_thread = settings.compress == "gzip" and size > INLINE_GZIP_BYTES
         await self.budget.acquire(size)
         if in_thread:
             try:
@@ -300,7 +246,7 @@ class Pipeline:
             if self._compressor is None:
                 self._compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyforward-gzip")
             future = asyncio.get_running_loop().run_in_executor(
-                self._compressor, _build_compressed, settings.tag, blob, records, size, settings.compress_level, seq,
+                self._compressor, build_compressed, settings.tag, blob, records, size, settings.compress_level, seq,
                 extra,
             )  # fmt: skip
             future.add_done_callback(lambda _: self._compress_slots.release())
@@ -337,7 +283,7 @@ class Pipeline:
             self.metrics.chunks_sent.inc()
             self.metrics.inflight_bytes.set(self.budget.used)
 
-    async def _read_loop(self, tailer: Tailer, building: _Building) -> None:
+    async def _read_loop(self, tailer: Tailer, building: Building) -> None:
         """Read, encode, cut chunks. A chunk leaves when it is full, or when its first line has waited the latency
         budget (flush_interval); a line written after a quiet spell leaves at once.
 
@@ -411,7 +357,7 @@ class Pipeline:
             elif batch.caught_up:  # as a read_batch returning None would say, without reading again
                 due = await self._settle(tailer, building)
 
-    async def _settle(self, tailer: Tailer, building: _Building) -> float | None:
+    async def _settle(self, tailer: Tailer, building: Building) -> float | None:
         """Caught up: sleep until the chunk being built is due (then read once more and return None); or send it and
         wait for the writer. Returns when the lines of the next read are due."""
         budget = self.settings.flush_interval
@@ -558,7 +504,7 @@ class Pipeline:
             self.health.refresh = self._refresh_metrics
         if self.discovery is not None:
             supervisor.spawn("discovery", self.discovery.run, Policy.RESTART)
-        building = _Building(entries=[], ranges=ChunkRanges() if settings.record_ranges else None)
+        building = Building(entries=[], ranges=ChunkRanges() if settings.record_ranges else None)
         self._outbox = asyncio.Queue()
         supervisor.spawn("sender", self._send_loop, Policy.EXIT)
         reader = supervisor.spawn("tailer", lambda: self._read_loop(tailer, building), Policy.EXIT)
@@ -589,7 +535,7 @@ class Pipeline:
             await asyncio.wait_for(self.checkpoint.close(), self.settings.shutdown_timeout)
         return 1
 
-    async def _shutdown(self, reader: asyncio.Task[None], building: _Building) -> int:
+    async def _shutdown(self, reader: asyncio.Task[None], building: Building) -> int:
         """SIGTERM: stop reading, send what was read, wait (bounded) for acks, write the checkpoint."""
         log.info("stopping: waiting up to %.0fs for the acks of what is in flight", self.settings.shutdown_timeout)
         reader.cancel()

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import IO, Any
 
+from pyforward.chunks import ByteBudget
 from pyforward.client import ForwardClient
 from pyforward.connection import StartupError, client_config, connection_material
-from pyforward.pipeline import ByteBudget
 from pyforward.protocol import Chunk, EntryPacker, build_chunk
 from pyforward.records import RecordParser, RecordStats
 from pyforward.settings import Settings

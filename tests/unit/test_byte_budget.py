@@ -1,10 +1,10 @@
-"""pipeline.ByteBudget: the bound on source bytes in flight, and its on_wait hook (the ack hold ends there)."""
+"""chunks.ByteBudget: the bound on source bytes in flight, and its on_wait hook (the ack hold ends there)."""
 
 from __future__ import annotations
 
 import asyncio
 
-from pyforward.pipeline import ByteBudget
+from pyforward.chunks import ByteBudget
 
 
 async def test_on_wait_is_called_only_when_a_chunk_must_wait_for_room() -> None:

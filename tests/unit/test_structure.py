@@ -21,9 +21,6 @@ ALLOWED_OVER: dict[str, str] = {
     # over TCP, TLS or a Unix socket), each step reported and each failure named: one concern, 606 lines. The
     # description of the peer's certificate chain for `pyforward check` (~60 lines) could move beside certs.py.
     "pyforward.transport": "one concern: opening the stream",
-    # Pending a split (issue 23 proposes: the rate-limited log and the listening sockets out of it, after issue 22
-    # moves the duplicate chunk-id memory to receiver/dedup.py); not done here so that issue 22's work merges.
-    "pyforward.receiver.server": "split pending (issue 22 changes it)",
 }
 
 
