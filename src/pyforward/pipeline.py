@@ -236,6 +236,8 @@ class Pipeline:
 
     def _checkpointed(self, position: Position) -> None:
         """A checkpoint write settled: free the budget of the chunks it covers (those acked before it)."""
+        if self._tailer is not None and self.checkpoint.last_written is position:  # written: the spool may let go
+            self._tailer.saved(position)
         covered = None
         while self._marks and covered is None:
             mark, below = self._marks.popleft()
@@ -523,6 +525,9 @@ class Pipeline:
             max_line_bytes=settings.max_line_bytes,
             poll_interval=settings.poll_interval,
             stats=self.tailer_stats,
+            spool_dir=settings.effective_spool_dir,
+            spool_max_bytes=settings.spool_max_bytes,
+            spool_min_free=settings.spool_min_free,
         )
         self._tailer = tailer
         await tailer.open()

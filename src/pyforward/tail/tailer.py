@@ -32,6 +32,7 @@ from pyforward.tail.ledger import Ledger, View
 from pyforward.tail.lines import LineAssembler
 from pyforward.tail.rotate import RotationDetection
 from pyforward.tail.scan import DirectoryState, Sibling
+from pyforward.tail.spool import Released, Spool
 from pyforward.tail.start import StartResolution
 from pyforward.tail.types import LineBatch, Problems, TailerStats
 from pyforward.tail.watch import DirectoryEvents, Watcher
@@ -77,6 +78,9 @@ class Tailer(StartResolution, RotationDetection):
         poll_interval: float = 0.25,
         use_inotify: bool = True,
         stats: TailerStats | None = None,
+        spool_dir: Path | None = None,
+        spool_max_bytes: int = 1 << 30,
+        spool_min_free: int | None = None,
     ) -> None:
         if start_at not in ("head", "tail"):
             raise ValueError(f"start_at must be 'head' or 'tail', not {start_at!r}")
@@ -113,6 +117,17 @@ class Tailer(StartResolution, RotationDetection):
         self._watcher = Watcher(
             self._path, poll_interval=poll_interval, use_inotify=use_inotify, current=lambda: self._cur
         )
+        # Hard links that keep unshipped backups from the API server's retention (tail/spool.py, issue 21). None: no
+        # spool at all (spool_dir not given); with spool_max_bytes=0 an earlier run's spool is still read and emptied.
+        self.spool = (
+            Spool(path, spool_dir, max_bytes=spool_max_bytes, min_free=spool_min_free, unread=self._spool_released)
+            if spool_dir is not None
+            else None
+        )
+        self._spool_dir = spool_dir
+        self._dropped: Source | None = None  # released by the spool's guard while being read: skip the rest of it
+        self._filling = False  # a read_batch is running (it skips a dropped file itself)
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # -- public API ---------------------------------------------------------------------------------------
 
@@ -126,6 +141,9 @@ class Tailer(StartResolution, RotationDetection):
     async def open(self) -> None:
         """Find where to start (see the module doc). If nothing is there yet, read_batch retries."""
         self._check_open()
+        self._loop = asyncio.get_running_loop()
+        if self.spool is not None:
+            await asyncio.to_thread(self.spool.start)
         try:
             await self._advance()
         except OSError as e:
@@ -138,6 +156,7 @@ class Tailer(StartResolution, RotationDetection):
         # Lines already cut when a caller cancels us (at any await below) are past our line boundary: keep
         # them for the next call, else they would never be shipped.
         batch, self._unfinished = self._unfinished or _Batch(), None
+        self._filling = True
         try:
             await self._watcher.mark()
             await self._fill(batch, max_bytes)
@@ -150,6 +169,8 @@ class Tailer(StartResolution, RotationDetection):
         else:
             if "io" in self._problems:  # (the message is built only then: this runs for every batch)
                 self._problems.clear("io", f"reading {self._path} works again")
+        finally:
+            self._filling = False
         if not batch.lines:
             return None
         assert batch.end is not None
@@ -198,7 +219,7 @@ class Tailer(StartResolution, RotationDetection):
         """
         if self._closed:
             return 0, 0, 0
-        state = scan.directory_state(self._path)
+        state = scan.directory_state(self._path, self._spool_dir)
         listed = self._listed
         if listed is None or listed[0].key != state.key or state.racy(listed[1]):
             self._list()
@@ -224,6 +245,57 @@ class Tailer(StartResolution, RotationDetection):
                     size += live.st_size
                     files += 1
         return size, files, log_files
+
+    def saved(self, position: Position) -> None:
+        """A checkpoint naming `position` was written (not only attempted): the spool removes the links it has passed
+        (in a thread, only when there are any). Call from the event loop."""
+        spool = self.spool
+        if spool is not None and spool.saved(position):
+            task = asyncio.get_running_loop().create_task(asyncio.to_thread(spool.prune), name="spool-prune")
+            task.add_done_callback(_log_failure)
+
+    # -- the spool ------------------------------------------------------------------------------------------
+
+    def _start_mark(self) -> tuple[str, int] | None:
+        """What the start position has passed: the backups before the checkpointed one, or up to the watermark."""
+        cur = self._cur
+        if cur is not None and cur.ts is not None:
+            return cur.ts, 0
+        return (self._watermark, 1) if self._watermark is not None else None
+
+    def _spool_released(self, released: Released) -> tuple[int, float | None]:
+        """The spool's guard let `released` go (in its thread): how much of it was not read yet (a loss); if it is the
+        file being read, its rest is skipped and its fd closed (an open fd would keep the space)."""
+        with self._lock:
+            self._ledger.released(released.ts)  # reported by the spool: not a loss of the retention as well
+            stats = self.stats
+            avg_line = stats.bytes / stats.lines if stats.lines else None
+            cur = self._cur
+            if cur is not None and not cur.closed and (cur.dev, cur.ino) == (released.dev, released.ino):
+                unread = max(0, released.size - self._line_off) if cur.gz is None else released.size
+                if cur.ts is None:
+                    cur.ts = released.ts
+                self._dropped = cur
+                if self._loop is not None:
+                    self._loop.call_soon_threadsafe(self._drop_now)
+                return unread, avg_line
+            if not self._newer(released.ts):
+                return 0, avg_line  # read to its end: its lines are in flight
+            return released.size, avg_line
+
+    def _drop_now(self) -> None:
+        """On the loop: skip the dropped file now unless a read_batch is running (it does it itself)."""
+        if self._dropped is not None and self._dropped is self._cur and not self._filling and not self._closed:
+            self._skip_dropped()
+
+    def _skip_dropped(self) -> None:
+        src = self._dropped
+        assert src is not None
+        self._dropped = None
+        log.info("skipping the rest of %s: the spool released it", src.path)
+        self._lines.reset()
+        self._buf, self._buf_pos = b"", 0
+        self._finish(src)
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -256,6 +328,12 @@ class Tailer(StartResolution, RotationDetection):
             if src is None:
                 if batch.lines or not await self._advance():
                     return
+                continue
+            if src is self._dropped:  # released by the spool's guard (lost, logged and counted there)
+                if batch.lines:
+                    return  # these first: their end Position names this file
+                self._skip_dropped()
+                batch.start = None
                 continue
             if batch.start is None:
                 batch.start = self._line_off
@@ -386,15 +464,17 @@ class Tailer(StartResolution, RotationDetection):
 
     def _list(self) -> list[Sibling]:
         """The backups (scan.list_siblings), also told to the loss ledger. Blocking: call in a thread."""
-        state = scan.directory_state(self._path)
+        state = scan.directory_state(self._path, self._spool_dir)
         began = time.time_ns()
         with self._lock:
             seq = self._ledger.begin()
-        siblings = scan.list_siblings(self._path)
+        siblings = scan.list_siblings(self._path, self._spool_dir)
         with self._lock:
             self._ledger.apply(seq, siblings, self._view())
             if self._listed is None or began >= self._listed[1]:
                 self._listed = (state, began)
+        if self.spool is not None:  # (outside the lock: its guard asks _spool_released, which takes it)
+            self.spool.take(siblings)
         return siblings
 
     def _view(self) -> View:
@@ -464,6 +544,8 @@ class Tailer(StartResolution, RotationDetection):
         if not self._started:
             if not await self._resolve_start():
                 return False
+            if self.spool is not None:  # link what the start position has not passed, adopt an earlier spool
+                await asyncio.to_thread(self.spool.begin, self._start_mark())
             self._watch_directory()
             if self._cur is not None:
                 return True
@@ -581,3 +663,9 @@ class Tailer(StartResolution, RotationDetection):
             else ""
         )
         self._problems.report("io", f"cannot read {what}: {e.strerror or e}{hint}; retrying")
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    # A short task (one per file the checkpoint passes): not supervised, but never silent (issue 12).
+    if not task.cancelled() and task.exception() is not None:
+        log.error("removing passed files from the spool failed", exc_info=task.exception())
