@@ -502,14 +502,25 @@ class Pipeline:
         for name, current in (
             ("rotations", self.tailer_stats.rotations),
             ("truncation_lost_bytes", self.tailer_stats.truncation_bytes_lost),
-            ("lost_files", self.tailer_stats.lost_files),
-            ("lost_bytes", self.tailer_stats.lost_bytes),
             ("checkpoint_misses", self.tailer_stats.checkpoint_misses),
             ("unreadable_files", self.tailer_stats.unreadable_files),
         ):
             grown = self._delta(name, current)
             if grown > 0:
                 getattr(self.metrics, name).inc(grown)
+        spool = self._tailer.spool if self._tailer is not None else None
+        for name, reason, current in (
+            ("lost_files", "retention", self.tailer_stats.lost_files),
+            ("lost_bytes", "retention", self.tailer_stats.lost_bytes),
+            ("lost_files", "spool_budget", spool.released_files if spool else 0),
+            ("lost_bytes", "spool_budget", spool.released_bytes if spool else 0),
+        ):
+            grown = self._delta(f"{name}_{reason}", current)
+            if grown > 0:
+                getattr(self.metrics, name).labels(reason=reason).inc(grown)
+        if spool is not None:
+            with contextlib.suppress(OSError):
+                self.metrics.show_spool(await asyncio.to_thread(spool.status))
 
     # --- run -----------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, start: Position | None) -> int:
