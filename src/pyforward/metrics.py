@@ -164,11 +164,11 @@ class Metrics:
             "spool_linked_bytes", "Bytes of every spooled backup, those the API server still keeps included."
         )
         self.spool_budget_bytes = gauge(
-            "spool_budget_bytes", "spool_max_bytes: beyond it the oldest file only the spool keeps is released (lost)."
+            "spool_budget_bytes", "spool_max_bytes: beyond it files only the spool keeps are released (lost)."
         )
         self.spool_free_bytes = gauge("spool_free_bytes", "Free bytes of the spool's (the log's) file system.")
         self.spool_min_free_bytes = gauge(
-            "spool_min_free_bytes", "The free-space floor: below it the spool releases its oldest file (lost)."
+            "spool_min_free_bytes", "The free-space floor: below it the spool releases files (lost)."
         )
         self.inflight_bytes = gauge("inflight_bytes", "Source bytes read but not yet acked (bounded in memory).")
         self.connected = gauge("connected", "1 while a connection to the receiver is up (handshake done), else 0.")

@@ -126,16 +126,16 @@ class Settings(BaseSettings):
     spool_max_bytes: Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)] = Field(
         1 << 30,
         description="Bytes the spool may keep alone (backups the API server's retention has deleted): beyond it the "
-        "oldest is released, a loss logged and counted (pyforward_lost_files_total{reason=\"spool_budget\"}). 0 turns "
-        "the spool off. Keep it below the volume's room (emptyDir sizeLimit) minus what the API server keeps.",
+        "oldest unread is released, a loss logged and counted (pyforward_lost_files_total, reason spool_budget). 0 "
+        "turns the spool off. Keep it below the volume's room (emptyDir sizeLimit) minus what the API server keeps.",
         json_schema_extra=_group("input"),
     )
     spool_min_free: Annotated[int | None, BeforeValidator(parse_bytes), BeforeValidator(_empty_to_none)] = Field(
         None,
         ge=0,
-        description="Free space the spool leaves on the log's file system: below it, the oldest file only the spool "
-        "keeps is released (the API server must never lack room for its log). Default: the larger of 10 % of the "
-        "file system and twice the largest backup seen.",
+        description="Free space the spool leaves on the log's file system: below it, files only the spool keeps are "
+        "released, the oldest unread first (the API server must never lack room for its log). Default: the larger "
+        "of 10 % of the file system and twice the largest backup seen.",
         json_schema_extra=_group("input"),
     )
 

@@ -131,7 +131,7 @@ async def test_a_checkpoint_in_a_backup_keeps_it_and_what_follows(
     assert spooled(spool_dir) == sorted(b.name for b in backups[1:])
 
 
-async def test_over_the_budget_the_oldest_unread_file_is_released_logged_and_counted(
+async def test_over_the_budget_the_oldest_file_not_read_yet_is_released_logged_and_counted(
     api: Apiserver, make_tailer: Callable[..., Tailer], spool_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     api.write(1)
@@ -145,23 +145,20 @@ async def test_over_the_budget_the_oldest_unread_file_is_released_logged_and_cou
         await look(tailer)
     for backup in backups:  # the retention deletes all four: only the spool keeps them (~11 KB > 6,000)
         backup.unlink()
-    released = backups[0]
-    size = os.stat(spool_dir / released.name).st_size
     with caplog.at_level(logging.INFO, logger="pyforward.tailer"):
         await look(tailer)
-    assert spool_dir.exists()
-    assert spooled(spool_dir) == sorted(b.name for b in backups[2:])
+    # The files not read yet go first, oldest first (the first backup is the file being read: it goes last).
+    assert spooled(spool_dir) == sorted([backups[0].name, backups[3].name])
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 2
-    assert str(spool_dir / released.name) in errors[0].getMessage()
-    # The first was the file being read (the live file, rotated): caught up after its first line, 20 lines unread.
-    assert f"({size} bytes)" in errors[0].getMessage()
+    assert str(spool_dir / backups[1].name) in errors[0].getMessage()
+    assert "(2740 bytes)" in errors[0].getMessage()
     assert "its 2740 unread bytes (about 20 lines)" in errors[0].getMessage()
     assert "PYFORWARD_SPOOL_MAX_BYTES" in errors[0].getMessage()
     assert tailer.spool is not None
     assert tailer.spool.released_files == 2
     got = await drain(tailer)
-    assert len(got) == 40  # the two newest backups, shipped
+    assert len(got) == 40  # the rest of the file being read, and the newest backup
     await look(tailer)
     assert tailer.stats.lost_files == 0  # not counted a second time as the retention's
 

@@ -21,8 +21,9 @@ crash resumes at the checkpoint.
 The guard: what the spool costs the disk is the bytes of the files whose only remaining name is the spool's (a backup
 lumberjack still keeps costs nothing more). When that exceeds `spool_max_bytes`, or the file system's free space is
 below the floor (`spool_min_free`, default the larger of 10 % of the file system and twice the largest backup seen: the
-API server must always have room for its next file and lumberjack's gzip of the previous one), the oldest such file
-is released. That is a loss like the retention's: one ERROR with its size and lines, counted with
+API server must always have room for its next file and lumberjack's gzip of the previous one), such files go (order:
+_guard): a plain file whose .gz lumberjack still keeps is swapped for it (no loss), else the oldest file not read
+yet is released. That is a loss like the retention's: one ERROR with its size and lines, counted with
 reason="spool_budget". It is checked when a link is added and whenever the backups' names changed (each rotation,
 each retention delete), never by a timer.
 
@@ -90,6 +91,10 @@ class _Entry:
     size: int
     nlink: int
 
+    @property
+    def gz(self) -> bool:
+        return self.path.name.endswith(".gz")
+
 
 @dataclass(frozen=True, slots=True)
 class Released:
@@ -99,7 +104,7 @@ class Released:
     ts: str
     dev: int
     ino: int
-    size: int
+    size: int  # bytes of data: decompressed for a .gz (offsets and lines are counted in those)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,6 +131,7 @@ class Spool:
         max_bytes: int = 1 << 30,
         min_free: int | None = None,
         unread: Callable[[Released], tuple[int, float | None]] | None = None,
+        reading: Callable[[str, int, int], int] | None = None,
     ) -> None:
         self.log_path = Path(log_path)
         self.directory = Path(directory) if directory is not None else default_spool_dir(self.log_path)
@@ -134,6 +140,9 @@ class Spool:
         # Asked with each release: (bytes of it not read yet, average bytes per line); the tailer skips the rest of
         # the file if it is the one being read. None: all of it counts as unread.
         self._unread = unread
+        # Where the tailer stands in a backup (timestamp, dev, ino): 0 not read yet, 1 being read, 2 read to its end
+        # (its lines in flight, not acked). The guard releases in that order (see _guard). None: all 0.
+        self._reading = reading
         self.active = max_bytes > 0
         self.reason: str | None = None if self.active else "turned off (spool_max_bytes is 0)"
         self.released_files = 0  # released with bytes not read yet: losses (pyforward_lost_files_total{spool_budget})
@@ -143,13 +152,15 @@ class Spool:
         self._begun = False
         self._mark: Mark | None = None  # what the last saved checkpoint (or the start position) has passed
         self._entries: dict[str, _Entry] = {}  # timestamp -> the spool's link
-        self._known: dict[tuple[int, int], str] = {}  # (dev, ino) -> timestamp, of every backup name listed
+        self._patterns = [pattern for _, pattern in specs(self.log_path)]  # lumberjack's names for the backups
         self._stats: dict[Path, os.stat_result] = {}  # of the names in the last listing
         self._names: frozenset[Path] = frozenset()  # the last listing's names (the guard runs when they change)
         self._last: list[Sibling] = []
         self._newest: str | None = None  # newest backup timestamp listed
         self._largest = 0  # largest backup seen (bytes): the default floor keeps twice that free
         self._released: set[str] = set()  # let go by the guard: never linked again by this process
+        # Plain spooled backups the last listing found lumberjack's .gz of, in the log directory: timestamp -> the .gz.
+        self._gz_in_log_dir: dict[str, Path] = {}
 
     # -- start ----------------------------------------------------------------------------------------------------
 
@@ -220,7 +231,7 @@ class Spool:
             entries = list(os.scandir(self.directory))
         except OSError:
             return
-        patterns = [pattern for _, pattern in specs(self.log_path)]
+        patterns = self._patterns
         strangers = []
         for entry in entries:
             if entry.name.startswith(_PROBE):
@@ -252,11 +263,24 @@ class Spool:
         with self._lock:
             self._take(siblings)
 
+    def appeared(self, siblings: list[Sibling]) -> None:
+        """Backup names that just appeared (inotify, on the event loop, before any listing): link the plain ones at
+        once. lumberjack's mill gzips a backup right after the rotation and deletes the plain file; a link made by the
+        listing that follows (a thread round trip later) can come after that for a small file, and then only the .gz
+        is left to keep. A link and a stat on the loop, once per rotation; the guard runs at that listing."""
+        with self._lock:
+            if not (self._begun and self.active and self._ready):
+                return
+            for sibling in siblings:
+                ts = sibling.ts
+                if not sibling.gz and ts not in self._entries and not self._done(ts) and ts not in self._released:
+                    self._link(sibling)
+
     def _take(self, siblings: list[Sibling], *, force: bool = False) -> None:
         self._last = siblings
         stats: dict[Path, os.stat_result] = {}
         entries: dict[str, _Entry] = {}
-        known: dict[tuple[int, int], str] = {}
+        gz_in_log_dir: dict[str, Path] = {}
         spool = self.directory
         for sibling in siblings:
             for name in sibling.names or (sibling.path,):
@@ -269,13 +293,21 @@ class Spool:
                     except OSError:
                         continue
                 stats[name] = st
-                known[(st.st_dev, st.st_ino)] = sibling.ts
                 self._largest = max(self._largest, st.st_size)
                 if name.parent == spool:
-                    entries[sibling.ts] = _Entry(name, sibling.ts, st.st_dev, st.st_ino, st.st_size, st.st_nlink)
+                    entry = _Entry(name, sibling.ts, st.st_dev, st.st_ino, st.st_size, st.st_nlink)
+                    other = entries.get(sibling.ts)
+                    if other is not None:  # both forms: a swap (_swap) a SIGKILL cut short; finish it
+                        plain, entry = (other, entry) if entry.gz else (entry, other)
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(plain.path)
+                    entries[sibling.ts] = entry
+                elif name.name.endswith(".gz"):
+                    gz_in_log_dir[sibling.ts] = name
             if self._newest is None or sibling.ts > self._newest:
                 self._newest = sibling.ts
-        self._stats, self._entries, self._known = stats, entries, known
+        self._stats, self._entries = stats, entries
+        self._gz_in_log_dir = {ts: gz for ts, gz in gz_in_log_dir.items() if ts in entries and not entries[ts].gz}
         names = frozenset(stats)
         changed = force or names != self._names
         self._names = names
@@ -322,7 +354,6 @@ class Spool:
             except OSError:
                 return False
             self._entries[sibling.ts] = _Entry(target, sibling.ts, st.st_dev, st.st_ino, st.st_size, st.st_nlink)
-            self._known[(st.st_dev, st.st_ino)] = sibling.ts
             return True
         return False
 
@@ -334,21 +365,19 @@ class Spool:
 
     def saved(self, position: Position) -> bool:
         """A checkpoint naming `position` was written. True if spooled files are passed now (call prune() in a
-        thread). Cheap: dictionary look-ups, and one stat of the log when the position is in no known backup."""
+        thread). Cheap: the checkpoint's file is known by the backup name it was read under; only a position in the
+        live log costs a look at the log (once per rotation: then nothing is left to learn until the next one)."""
         with self._lock:
-            ts = self._known.get((position.file.dev, position.file.ino))
-            if ts is not None:
+            name = Path(position.path).name
+            ts = next((m["ts"] for p in self._patterns if (m := p.fullmatch(name))), None)
+            if ts is not None:  # read as a backup: its name is its timestamp (unique), whatever its inode is now
                 mark: Mark = (ts, 0)
-            elif not self._entries and (self._newest is None or (self._mark or ("", 0)) >= (self._newest, 1)):
-                return False  # nothing spooled and nothing to learn
+            elif self._newest is None or (self._mark is not None and self._mark >= (self._newest, 1)):
+                return False  # nothing listed that this could pass
+            elif _is_file(self.log_path, position):
+                mark = (self._newest, 1)  # still the live log: every backup there is is older
             else:
-                try:
-                    st = os.stat(self.log_path)
-                except OSError:
-                    return False
-                if (st.st_dev, st.st_ino) != (position.file.dev, position.file.ino) or self._newest is None:
-                    return False  # not a file we know: move nothing
-                mark = (self._newest, 1)  # the live log: every backup there is is older
+                return False  # the live log rotated since: the next position names its backup
             if self._mark is None or mark > self._mark:
                 self._mark = mark
             return any(self._done(e.ts) for e in self._entries.values())
@@ -378,9 +407,20 @@ class Spool:
         return vfs.f_bavail * vfs.f_frsize, vfs.f_blocks * vfs.f_frsize
 
     def _guard(self) -> None:
-        """Release the oldest files only the spool keeps while over the budget or under the floor (_take has just
-        looked at every link: their link counts are fresh)."""
-        alone = sorted((e for e in self._entries.values() if e.nlink <= 1), key=lambda e: e.ts)
+        """Release files only the spool keeps while over the budget or under the floor (_take has just looked at every
+        link: their link counts are fresh). The oldest file not read yet goes first; the file being read and those
+        read to their end but not acked go last: a crash resumes at the checkpoint and reads them again, so releasing
+        one of those would lose lines no log line counts (they hold at most max_inflight_bytes and one file). Before
+        all of them: a plain file lumberjack still keeps as its .gz, which is linked in its place (no loss, a
+        fraction of the size; offsets into a .gz are the plain file's, so a checkpoint in it still holds)."""
+        reading = self._reading
+
+        def order(entry: _Entry) -> tuple[int, str]:
+            if entry.ts in self._gz_in_log_dir:
+                return 0, entry.ts  # lumberjack still keeps it (its .gz): releasing the plain file loses nothing
+            return 1 + (reading(entry.ts, entry.dev, entry.ino) if reading is not None else 0), entry.ts
+
+        alone = sorted((e for e in self._entries.values() if e.nlink <= 1), key=order)
         only = sum(e.size for e in alone)
         space = self._space()
         free, floor = (space[0], self._floor(space[1])) if space is not None else (None, None)
@@ -395,37 +435,67 @@ class Spool:
                 else f"the free space of its file system ({free} bytes) is below the floor ({floor} bytes, "
                 "PYFORWARD_SPOOL_MIN_FREE)"
             )
-            self._release(entry, why)
+            gz = self._gz_in_log_dir.get(entry.ts)
+            if gz is not None:
+                if not self._swap(entry, gz, why):
+                    continue  # lumberjack's .gz went meanwhile: this one is not free to go, look at the next
+            else:
+                self._release(entry, why)
             only -= entry.size
             if free is not None:
                 free += entry.size
 
-    def _release(self, entry: _Entry, why: str) -> None:
+    def _swap(self, entry: _Entry, gz: Path, why: str) -> bool:
+        """Keep lumberjack's .gz of `entry` instead of the plain file: link the .gz, then unlink the plain file (a
+        SIGKILL between the two leaves both forms, which the next run's guard swaps again). False if the .gz is gone."""
+        target = self.directory / gz.name
+        try:
+            os.link(gz, target)
+        except FileExistsError:
+            pass  # linked by an earlier run
+        except OSError:
+            return False
+        try:
+            st = os.stat(target)
+        except OSError:
+            return False
+        log.info("kept %s in the spool instead of %s (%d bytes) because %s: nothing is lost", target, entry.path,
+                 entry.size, why)  # fmt: skip
         with contextlib.suppress(FileNotFoundError):
             os.unlink(entry.path)
+        self._stats.pop(entry.path, None)
+        self._entries[entry.ts] = _Entry(target, entry.ts, st.st_dev, st.st_ino, st.st_size, st.st_nlink)
+        return True
+
+    def _release(self, entry: _Entry, why: str) -> None:
+        # Said and counted before the unlink: a SIGKILL between the two leaves a file reported lost that the next run
+        # adopts and ships (a false alarm), never a file gone unreported.
         self._entries.pop(entry.ts, None)
         self._stats.pop(entry.path, None)
         self._released.add(entry.ts)
-        released = Released(entry.path, entry.ts, entry.dev, entry.ino, entry.size)
-        unread, avg_line = self._unread(released) if self._unread is not None else (entry.size, None)
+        data = _gzip_size(entry.path) if entry.gz else entry.size
+        released = Released(entry.path, entry.ts, entry.dev, entry.ino, data if data is not None else entry.size)
+        unread, avg_line = self._unread(released) if self._unread is not None else (released.size, None)
         if unread <= 0:
             log.warning(
                 "released %s (%d bytes) from the spool because %s. It was read already: its lines are in flight to the "
                 "receiver, and would be lost only if pyforward stopped before they are acked",
                 entry.path, entry.size, why,
             )  # fmt: skip
-            return
-        self.released_files += 1
-        self.released_bytes += unread
-        lines = f" (about {max(1, round(unread / avg_line))} lines)" if avg_line else ""
-        log.error(
-            "released %s (%d bytes) from the spool because %s: its %d unread bytes%s of audit events are lost. The "
-            "receiver has been away longer than the spool can hold: get it back (pyforward_connected, "
-            "pyforward_backlog_bytes), or give the spool more room (PYFORWARD_SPOOL_MAX_BYTES, a larger volume)",
-            entry.path, entry.size, why, unread, lines,
-            extra={"rate_key": f"released {entry.path}", "lost_file": str(entry.path), "lost_bytes": unread,
-                   "reason": "spool_budget"},
-        )  # fmt: skip
+        else:
+            self.released_files += 1
+            self.released_bytes += unread
+            lines = f" (about {max(1, round(unread / avg_line))} lines)" if avg_line else ""
+            log.error(
+                "released %s (%d bytes) from the spool because %s: its %d unread bytes%s of audit events are lost. The "
+                "receiver has been away longer than the spool can hold: get it back (pyforward_connected, "
+                "pyforward_backlog_bytes), or give the spool more room (PYFORWARD_SPOOL_MAX_BYTES, a larger volume)",
+                entry.path, entry.size, why, unread, lines,
+                extra={"rate_key": f"released {entry.path}", "lost_file": str(entry.path), "lost_bytes": unread,
+                       "reason": "spool_budget"},
+            )  # fmt: skip
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(entry.path)
 
     # -- the operator's view --------------------------------------------------------------------------------------
 
@@ -454,3 +524,33 @@ class Spool:
                 free=space[0] if space is not None else None,
                 floor=self._floor(space[1]) if space is not None else None,
             )
+
+
+def _is_file(path: Path, position: Position) -> bool:
+    """Does `path` name the file `position` is in: same inode and same first bytes (an inode is reused once a file is
+    deleted, and a released backup's inode can be the live log's now)? Blocking: open, fstat, one pread of <= 4 KiB."""
+    identity = position.file
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != (identity.dev, identity.ino):
+            return False
+        return identity.matches_head(os.pread(fd, identity.fp_len, 0))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _gzip_size(path: Path) -> int | None:
+    """The decompressed size of a .gz from its trailer (ISIZE: the size mod 2**32 of its last member; lumberjack writes
+    one member, and backups are far below 4 GiB). None if it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-4, os.SEEK_END)
+            return int.from_bytes(f.read(4), "little")
+    except OSError:
+        return None

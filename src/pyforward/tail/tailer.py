@@ -32,7 +32,8 @@ from pyforward.tail.ledger import Ledger, View
 from pyforward.tail.lines import LineAssembler
 from pyforward.tail.rotate import RotationDetection
 from pyforward.tail.scan import DirectoryState, Sibling
-from pyforward.tail.spool import Released, Spool
+from pyforward.tail.spool import Spool
+from pyforward.tail.spooled import SpoolSide
 from pyforward.tail.start import StartResolution
 from pyforward.tail.types import LineBatch, Problems, TailerStats
 from pyforward.tail.watch import DirectoryEvents, Watcher
@@ -61,7 +62,7 @@ class _Batch:
     caught_up: bool = False
 
 
-class Tailer(StartResolution, RotationDetection):
+class Tailer(StartResolution, RotationDetection, SpoolSide):
     """Lines of `path` and of its rotated backups, from `start` on, in order, each once.
 
     One consumer: do not call read_batch/wait concurrently.
@@ -119,11 +120,12 @@ class Tailer(StartResolution, RotationDetection):
         )
         # Hard links that keep unshipped backups from the API server's retention (tail/spool.py, issue 21). None: no
         # spool at all (spool_dir not given); with spool_max_bytes=0 an earlier run's spool is still read and emptied.
-        self.spool = (
-            Spool(path, spool_dir, max_bytes=spool_max_bytes, min_free=spool_min_free, unread=self._spool_released)
-            if spool_dir is not None
-            else None
-        )
+        self.spool: Spool | None = None
+        if spool_dir is not None:
+            self.spool = Spool(
+                path, spool_dir, max_bytes=spool_max_bytes, min_free=spool_min_free, unread=self._spool_released,
+                reading=self._spool_reading,
+            )
         self._spool_dir = spool_dir
         self._dropped: Source | None = None  # released by the spool's guard while being read: skip the rest of it
         self._filling = False  # a read_batch is running (it skips a dropped file itself)
@@ -245,57 +247,6 @@ class Tailer(StartResolution, RotationDetection):
                     size += live.st_size
                     files += 1
         return size, files, log_files
-
-    def saved(self, position: Position) -> None:
-        """A checkpoint naming `position` was written (not only attempted): the spool removes the links it has passed
-        (in a thread, only when there are any). Call from the event loop."""
-        spool = self.spool
-        if spool is not None and spool.saved(position):
-            task = asyncio.get_running_loop().create_task(asyncio.to_thread(spool.prune), name="spool-prune")
-            task.add_done_callback(_log_failure)
-
-    # -- the spool ------------------------------------------------------------------------------------------
-
-    def _start_mark(self) -> tuple[str, int] | None:
-        """What the start position has passed: the backups before the checkpointed one, or up to the watermark."""
-        cur = self._cur
-        if cur is not None and cur.ts is not None:
-            return cur.ts, 0
-        return (self._watermark, 1) if self._watermark is not None else None
-
-    def _spool_released(self, released: Released) -> tuple[int, float | None]:
-        """The spool's guard let `released` go (in its thread): how much of it was not read yet (a loss); if it is the
-        file being read, its rest is skipped and its fd closed (an open fd would keep the space)."""
-        with self._lock:
-            self._ledger.released(released.ts)  # reported by the spool: not a loss of the retention as well
-            stats = self.stats
-            avg_line = stats.bytes / stats.lines if stats.lines else None
-            cur = self._cur
-            if cur is not None and not cur.closed and (cur.dev, cur.ino) == (released.dev, released.ino):
-                unread = max(0, released.size - self._line_off) if cur.gz is None else released.size
-                if cur.ts is None:
-                    cur.ts = released.ts
-                self._dropped = cur
-                if self._loop is not None:
-                    self._loop.call_soon_threadsafe(self._drop_now)
-                return unread, avg_line
-            if not self._newer(released.ts):
-                return 0, avg_line  # read to its end: its lines are in flight
-            return released.size, avg_line
-
-    def _drop_now(self) -> None:
-        """On the loop: skip the dropped file now unless a read_batch is running (it does it itself)."""
-        if self._dropped is not None and self._dropped is self._cur and not self._filling and not self._closed:
-            self._skip_dropped()
-
-    def _skip_dropped(self) -> None:
-        src = self._dropped
-        assert src is not None
-        self._dropped = None
-        log.info("skipping the rest of %s: the spool released it", src.path)
-        self._lines.reset()
-        self._buf, self._buf_pos = b"", 0
-        self._finish(src)
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -499,6 +450,8 @@ class Tailer(StartResolution, RotationDetection):
         if appeared:
             with self._lock:
                 self._ledger.appeared(appeared)
+            if self.spool is not None:  # (outside the lock, as in _list)
+                self.spool.appeared(appeared)
         if self._closed:
             return
         if self._look is None or self._look.done():
@@ -664,8 +617,3 @@ class Tailer(StartResolution, RotationDetection):
         )
         self._problems.report("io", f"cannot read {what}: {e.strerror or e}{hint}; retrying")
 
-
-def _log_failure(task: asyncio.Task[None]) -> None:
-    # A short task (one per file the checkpoint passes): not supervised, but never silent (issue 12).
-    if not task.cancelled() and task.exception() is not None:
-        log.error("removing passed files from the spool failed", exc_info=task.exception())
