@@ -285,3 +285,43 @@ def test_a_link_an_earlier_run_made_is_taken_as_it_is(api: Apiserver, spool_dir:
     assert status.active
     assert status.free is not None
     assert status.floor is not None
+
+
+async def test_a_plain_file_the_api_server_keeps_as_gz_is_swapped_for_it_before_anything_is_lost(
+    api: Apiserver, make_tailer: Callable[..., Tailer], spool_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lines = api.write(1)
+    tailer = make_tailer(api.path, spool_max_bytes=1000)
+    await tailer.open()
+    assert await tailer.read_batch(MiB) is not None
+    backups = []
+    for _ in range(2):
+        lines += api.write(20)
+        backups.append(api.rotate())
+        await look(tailer)
+    for backup in backups:  # lumberjack's mill: the .gz written, the plain file deleted (only the spool keeps it)
+        Apiserver.compress(backup)
+    with caplog.at_level(logging.INFO, logger="pyforward.tailer"):
+        await look(tailer)
+    # The first backup is the file being read (kept open); both swapped: the spool holds lumberjack's .gz now.
+    assert spooled(spool_dir) == sorted(b.name + ".gz" for b in backups)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len([r for r in caplog.records if "nothing is lost" in r.getMessage()]) == 2
+    assert tailer.spool is not None
+    assert tailer.spool.released_files == 0
+    assert lines[1:] == await drain(tailer)
+    assert tailer.spool.status().bytes == 0  # lumberjack still keeps them: they cost the spool nothing
+
+
+def test_both_forms_left_by_a_swap_a_sigkill_cut_short_are_finished(api: Apiserver, spool_dir: Path) -> None:
+    api.write(5)
+    backup = api.rotate()
+    spool_dir.mkdir()
+    os.link(backup, spool_dir / backup.name)
+    gz = Apiserver.compress(backup)
+    os.link(gz, spool_dir / gz.name)  # linked; the plain file's unlink did not happen
+    spool = Spool(api.path, spool_dir)
+    spool.start()
+    spool.take(scan.list_siblings(api.path, spool_dir))
+    spool.begin(None)
+    assert spooled(spool_dir) == [gz.name]
