@@ -414,7 +414,7 @@ def build_dashboard() -> builders.Dashboard:
         graph(
             layout, "Spool against its budget",
             "Bytes of rotated files only the spool keeps (the API server's retention deleted its names), against "
-            "PYFORWARD_SPOOL_MAX_BYTES; beyond it the oldest is released (lost). Alert at 80 %.",
+            "PYFORWARD_SPOOL_MAX_BYTES; beyond it the oldest unread is released (lost). Alert at 80 %.",
             "bytes",
             [
                 (sel("pyforward_spool_bytes"), "kept only by the spool " + LEGEND),
@@ -436,7 +436,7 @@ def build_dashboard() -> builders.Dashboard:
     dash.with_panel(
         graph(
             layout, "Free space of the log volume",
-            "Free bytes of the log's file system and the floor below which the spool releases its oldest file.",
+            "Free bytes of the log's file system and the floor below which the spool releases files.",
             "bytes",
             [
                 (sel("pyforward_spool_free_bytes"), "free " + LEGEND),
