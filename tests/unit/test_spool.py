@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pyforward.checkpoint import Position
+from pyforward.checkpoint import FileIdentity, Position
 from pyforward.tail import Tailer, scan
 from pyforward.tail.spool import Spool
 from tests.unit.test_tailer import Apiserver, drain
@@ -52,8 +52,6 @@ def retention(api: Apiserver, keep: int) -> None:
 
 def live_position(api: Apiserver) -> Position:
     """A position in the live log (what a checkpoint saved once the tailer reads the live file names)."""
-    from pyforward.checkpoint import FileIdentity
-
     st = os.stat(api.path)
     head = api.path.read_bytes()[:4096]
     return Position(FileIdentity.of(st.st_dev, st.st_ino, head), offset=len(head), path=str(api.path))
@@ -325,3 +323,27 @@ def test_both_forms_left_by_a_swap_a_sigkill_cut_short_are_finished(api: Apiserv
     spool.take(scan.list_siblings(api.path, spool_dir))
     spool.begin(None)
     assert spooled(spool_dir) == [gz.name]
+
+
+def test_a_checkpoint_in_the_live_log_passes_the_backups_only_if_the_log_is_still_that_file(
+    api: Apiserver, spool_dir: Path
+) -> None:
+    """The live log is known by inode AND first bytes: an inode is reused once a file is deleted (a released backup's
+    inode can be the next live log's), and a position in a file that is gone must not pass anything."""
+    api.write(5)
+    backup = api.rotate()
+    api.write(5)
+    spool = Spool(api.path, spool_dir)
+    spool.start()
+    spool.begin(None)
+    spool.take(scan.list_siblings(api.path, spool_dir))
+    assert spooled(spool_dir) == [backup.name]
+    position = live_position(api)
+    with open(api.path, "r+b") as f:  # same inode, other first bytes: not the file the position was taken in
+        f.write(b"X")
+    assert not spool.saved(position)
+    with open(api.path, "r+b") as f:
+        f.write(b"{")
+    assert spool.saved(position)  # the same file again: the backup before it is passed
+    spool.prune()
+    assert spooled(spool_dir) == []
