@@ -158,6 +158,18 @@ def test_a_working_path_lists_every_step_and_exits_0(world: World, shape: str, e
     assert probes, "the probe event is not in the receiver's output"
 
 
+def test_a_spool_that_cannot_work_is_reported_and_is_no_failure(world: World, tmp_path: Path) -> None:
+    """Issue 21: `check` says why the spool is off (here: its directory is a file), and the walk goes on."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    result = check(world.env(spool_dir=str(blocked)))
+    assert result.code == 0, result.out
+    assert result.steps[0] == ("--", "spool"), result.out
+    assert "off: Not a directory (ENOTDIR)" in result.line("--    spool")
+    off = check(world.env(spool_max_bytes="0"))
+    assert "off: turned off (spool_max_bytes is 0)" in off.line("--    spool")
+
+
 # ------------------------------------------------------------------------------------------------ broken settings
 
 
