@@ -1,6 +1,6 @@
 # pyforward: the kube-apiserver audit-log sidecar.
 #
-#   docker build -t pyforward:0.1.0 .
+#   docker build -t pyforward:dev .
 #   docker build --build-arg PYTHON_VERSION=3.11 --build-arg VERSION=0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" .
 #   docker build --secret id=extra-ca,src=/usr/local/share/ca-certificates/corp.crt .   # TLS-intercepting network
 #
@@ -13,6 +13,10 @@
 ARG PYTHON_VERSION=3.12
 # Pin by digest in the release pipeline: python:3.12-slim-bookworm@sha256:...
 ARG BASE_IMAGE=python:${PYTHON_VERSION}-slim-bookworm
+# The version of the wheel built here and of the image's label. The build context has no .git (.dockerignore), so
+# setuptools-scm cannot read the tag: the release workflow passes it (the tag without its v); without it the
+# image says it does not know, as a build from a tree without git does (pyproject.toml's fallback_version).
+ARG VERSION=0.0.0+unknown
 
 # --- builder: the project's wheel and every dependency's wheel -------------------------------------------------
 FROM ${BASE_IMAGE} AS builder
@@ -25,6 +29,10 @@ COPY . .
 # Service and the certificate Secret, is a dependency now). "fast" (uvloop, +14 MB) only pays off once the CLI
 # installs uvloop's event loop policy.
 ARG EXTRAS=kubernetes
+ARG VERSION
+# Only pyforward's version is pretended (the _FOR_PYFORWARD form): a dependency built from an sdist with
+# setuptools-scm keeps its own.
+ENV SETUPTOOLS_SCM_PRETEND_VERSION_FOR_PYFORWARD=${VERSION}
 # Extra CA certificates for a build network that intercepts TLS (a corporate proxy) or a private index with its
 # own CA: a PEM bundle given as the BuildKit secret "extra-ca" (`--secret id=extra-ca,src=FILE`). pip trusts it
 # in addition to the base image's CAs. A secret is mounted for one RUN only: it is in no layer and not in the
@@ -40,9 +48,9 @@ RUN --mount=type=secret,id=extra-ca,required=false \
 # --- runtime: a venv with only what pyforward needs ----------------------------------------------------------
 FROM ${BASE_IMAGE} AS runtime
 ARG EXTRAS=kubernetes
-ARG VERSION=0.1.0
+ARG VERSION
+# The commit and the repository URL, from the release workflow (.github/workflows/release.yml).
 ARG REVISION=unknown
-# The repository URL, from the release pipeline: --build-arg SOURCE_URL=https://...
 ARG SOURCE_URL=""
 LABEL org.opencontainers.image.title="pyforward" \
       org.opencontainers.image.description="Fluentd Forward-protocol shipper for the kube-apiserver audit log: tails the rotated log, ships every event acked over TCP, mTLS or HTTP CONNECT proxies." \

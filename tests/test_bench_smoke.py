@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from bench.charts import have_matplotlib
-from bench.run import TARGETS, meets
+from bench.report import TARGETS, meets
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,6 +18,7 @@ from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
 
 from pyforward import __version__
+from pyforward.envnames import read_legacy_env
 from pyforward.settings import (
     GROUPS,
     SECRET_FIELDS,
@@ -26,7 +27,6 @@ from pyforward.settings import (
     env_name,
     flag_name,
     load_settings,
-    read_legacy_env,
     redacted,
     sources,
 )

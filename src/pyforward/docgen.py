@@ -19,13 +19,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 from annotated_types import Ge, Gt, Le, Lt
 from pydantic.fields import FieldInfo
 
+from pyforward.envnames import ENV_PREFIX, LEGACY_DEFAULTS, LEGACY_ENV, LEGACY_IGNORED, LEGACY_PROXY_DEFAULTS
 from pyforward.settings import (
-    ENV_PREFIX,
     GROUPS,
-    LEGACY_DEFAULTS,
-    LEGACY_ENV,
-    LEGACY_IGNORED,
-    LEGACY_PROXY_DEFAULTS,
     SECRET_FIELDS,
     Settings,
     env_name,

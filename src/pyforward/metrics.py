@@ -16,6 +16,7 @@ import contextlib
 import ipaddress
 import logging
 import os
+import platform
 import select
 import selectors
 import socket
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -34,7 +35,7 @@ from prometheus_client.process_collector import ProcessCollector
 from pyforward import __version__
 
 if TYPE_CHECKING:
-    from pyforward.tail.spool import SpoolStatus
+    from pyforward.tail.spool import Spool, SpoolStatus
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,13 @@ LOSS_REASONS = ("retention", "spool_budget")
 RESTARTED_TASKS = ("discovery", "metrics")
 
 WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class Served(Protocol):
+    """What the endpoint serves: `Metrics`, or `pyforward receive`'s (receiver/metrics.py)."""
+
+    registry: CollectorRegistry
+    task_restarts: Counter
 
 
 class Metrics:
@@ -180,7 +188,9 @@ class Metrics:
         self.last_ack_timestamp_seconds = gauge(
             "last_ack_timestamp_seconds", "Unix time of the last ack received; 0 before the first."
         )
-        self.build_info = gauge("build_info", "Always 1; the labels name the running version.", ("version",))
+        self.build_info = gauge(
+            "build_info", "Always 1; the labels name the running version and Python.", ("version", "python")
+        )
         self.task_restarts = counter(
             "task_restarts",
             "Background tasks restarted after an unexpected error (logged at ERROR with a traceback), by task.",
@@ -198,7 +208,24 @@ class Metrics:
         for reason in LOSS_REASONS:
             self.lost_files.labels(reason=reason)
             self.lost_bytes.labels(reason=reason)
-        self.build_info.labels(version=__version__).set(1)
+        self._losses_shown: dict[tuple[bool, str], int] = {}  # (files?, reason) -> count shown (show_losses)
+        # python: the interpreter's version (3.12.1); the image's and a pip install's differ (issue 24).
+        self.build_info.labels(version=__version__, python=platform.python_version()).set(1)
+
+    def show_losses(self, lost_files: int, lost_bytes: int, spool: Spool | None) -> None:
+        """Bring pyforward_lost_{files,bytes}_total up to the tailer's counts (retention) and the spool's
+        (spool_budget): plain counters of theirs, whole since the start."""
+        for counter, reason, current in (
+            (self.lost_files, "retention", lost_files),
+            (self.lost_bytes, "retention", lost_bytes),
+            (self.lost_files, "spool_budget", spool.released_files if spool else 0),
+            (self.lost_bytes, "spool_budget", spool.released_bytes if spool else 0),
+        ):
+            key = (counter is self.lost_files, reason)
+            grown = current - self._losses_shown.get(key, 0)
+            if grown > 0:
+                counter.labels(reason=reason).inc(grown)
+                self._losses_shown[key] = current
 
     def show_spool(self, status: SpoolStatus) -> None:
         self.spool_active.set(1 if status.active else 0)
@@ -293,7 +320,7 @@ def readyz(health: HealthState) -> tuple[int, str]:
     )
 
 
-def make_app(metrics: Metrics, health: HealthState, loop_stall_seconds: float = 5.0) -> WSGIApp:
+def make_app(metrics: Served, health: HealthState, loop_stall_seconds: float = 5.0) -> WSGIApp:
     metrics_app = make_wsgi_app(metrics.registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -416,7 +443,7 @@ class Server:
         self._httpd.server_close()
 
 
-def start_server(bind: str, metrics: Metrics, health: HealthState, loop_stall_seconds: float = 5.0) -> Server:
+def start_server(bind: str, metrics: Served, health: HealthState, loop_stall_seconds: float = 5.0) -> Server:
     """Serve /metrics, /healthz and /readyz on ``bind`` (HOST:PORT, port 0 allowed) from a daemon thread."""
     host, port = parse_bind(bind)
     server_class: type[WSGIServer] = _ThreadingWSGIServer

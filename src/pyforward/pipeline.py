@@ -3,7 +3,8 @@
 The file is the buffer. Memory holds the chunk being built and the chunks in flight, under
 ``max_inflight_bytes``; the checkpoint moves only to the end of the last contiguous range of acked chunks
 (fluent-bit #5912 saves offsets when lines are read, and loses them on a crash). Delivery is at-least-once:
-after a crash only the chunks in flight (and those acked after the last checkpoint write) are sent again.
+after a crash only the chunks in flight (and those acked after the last checkpoint write) are sent again; each chunk
+says which bytes of which file its records are (ranges.py), so `pyforward receive` writes each of them once.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pyforward.connection import (
     tls_material,
 )
 from pyforward.protocol import Chunk, EntryPacker, EventTime, build_chunk
+from pyforward.ranges import ChunkRanges
 from pyforward.records import EntryEncoder, RecordParser, RecordStats
 from pyforward.settings import Settings, env_name
 from pyforward.supervise import Policy, Supervisor
@@ -80,6 +82,7 @@ class _Building:
     due: float = 0.0  # monotonic time by which it leaves (its first line waited the latency budget then)
     batched: bool = False  # its lines came while the writer was writing steadily (not after a quiet spell)
     end: Position | None = None
+    ranges: ChunkRanges | None = None  # its records' pyforward.* options (None: record_ranges off)
 
 
 #: Smaller chunks (source bytes) are compressed in the event loop: ISA-L gzip of 256 KiB takes ~0.3 ms, about what a
@@ -90,8 +93,10 @@ _INLINE_GZIP_BYTES = 256 << 10
 _COMPRESS_AHEAD = 2
 
 
-def _build_compressed(tag: str, blob: bytes, records: int, size: int, level: int, seq: int) -> Chunk:
-    return build_chunk(tag, blob, records, size=size, compress=True, level=level, position=seq)
+def _build_compressed(
+    tag: str, blob: bytes, records: int, size: int, level: int, seq: int, extra: dict[str, Any] | None
+) -> Chunk:
+    return build_chunk(tag, blob, records, size=size, compress=True, level=level, position=seq, extra=extra)
 
 
 class Pipeline:
@@ -289,6 +294,7 @@ class Pipeline:
         records = len(building.entries)
         blob = b"".join(building.entries)
         seq = self.tracker.register(building.end)
+        extra = building.ranges.take() if building.ranges is not None else None
         building.entries = []
         building.size = 0
         future: asyncio.Future[Chunk]
@@ -296,14 +302,16 @@ class Pipeline:
             if self._compressor is None:
                 self._compressor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pyforward-gzip")
             future = asyncio.get_running_loop().run_in_executor(
-                self._compressor, _build_compressed, settings.tag, blob, records, size, settings.compress_level, seq
-            )
+                self._compressor, _build_compressed, settings.tag, blob, records, size, settings.compress_level, seq,
+                extra,
+            )  # fmt: skip
             future.add_done_callback(lambda _: self._compress_slots.release())
         else:
             compress = settings.compress == "gzip"
             chunk = build_chunk(
-                settings.tag, blob, records, size=size, compress=compress, level=settings.compress_level, position=seq
-            )
+                settings.tag, blob, records, size=size, compress=compress, level=settings.compress_level, position=seq,
+                extra=extra,
+            )  # fmt: skip
             if not self._compressing:  # nothing earlier is still compressing: hand it over now, no task hop
                 self._sent(chunk)
                 return
@@ -355,6 +363,9 @@ class Pipeline:
             if batch is None:  # caught up
                 due = await self._settle(tailer, building)
                 continue
+            ranges = building.ranges
+            if ranges is not None and ranges.other_file(batch):  # a chunk holds one file's records (issue 22)
+                await self._submit(building)
             self._last_data = time.monotonic()
             if not building.entries:
                 building.due = due if due is not None else self._last_data + budget
@@ -371,6 +382,7 @@ class Pipeline:
             # refused on every retry. So a chunk ends after its max_records-th line, also inside a batch; every
             # line but a batch's last one ends with a newline, which gives the Position there.
             offset = batch.end.offset - batch.size  # where the batch starts in its file
+            lengths = ranges.start(batch) if ranges is not None else None
             first = 0
             while first < len(lines):
                 last = min(len(lines), first + max(max_records - len(building.entries), 1))
@@ -380,6 +392,8 @@ class Pipeline:
                         building.entries.append(pack(t, record))
                 else:
                     building.entries.extend([encode(line, now) for line in lines[first:last]])
+                if ranges is not None and lengths is not None:
+                    ranges.add(batch.source, lengths[first:last])
                 if last == len(lines):
                     building.size += batch.end.offset - offset
                     building.end = batch.end
@@ -509,15 +523,7 @@ class Pipeline:
             if grown > 0:
                 getattr(self.metrics, name).inc(grown)
         spool = self._tailer.spool if self._tailer is not None else None
-        for name, reason, current in (
-            ("lost_files", "retention", self.tailer_stats.lost_files),
-            ("lost_bytes", "retention", self.tailer_stats.lost_bytes),
-            ("lost_files", "spool_budget", spool.released_files if spool else 0),
-            ("lost_bytes", "spool_budget", spool.released_bytes if spool else 0),
-        ):
-            grown = self._delta(f"{name}_{reason}", current)
-            if grown > 0:
-                getattr(self.metrics, name).labels(reason=reason).inc(grown)
+        self.metrics.show_losses(self.tailer_stats.lost_files, self.tailer_stats.lost_bytes, spool)
         if spool is not None:
             with contextlib.suppress(OSError):
                 self.metrics.show_spool(await asyncio.to_thread(spool.status))
@@ -560,7 +566,7 @@ class Pipeline:
             self.health.refresh = self._refresh_metrics
         if self.discovery is not None:
             supervisor.spawn("discovery", self.discovery.run, Policy.RESTART)
-        building = _Building(entries=[])
+        building = _Building(entries=[], ranges=ChunkRanges() if settings.record_ranges else None)
         self._outbox = asyncio.Queue()
         supervisor.spawn("sender", self._send_loop, Policy.EXIT)
         reader = supervisor.spawn("tailer", lambda: self._read_loop(tailer, building), Policy.EXIT)

@@ -3,8 +3,8 @@
 Every setting is an env var with the ``PYFORWARD_`` prefix and the same setting as a ``pyforward run`` flag
 (issue: tail the rotated audit log). audit-forwarder's env names (``AUDIT_*``, the table in
 shared/reference/audit-forwarder.md) are accepted unchanged so that its pod spec works as it is; when both names
-are set the ``PYFORWARD_`` one wins and the conflict is reported. Precedence: flag > PYFORWARD_ env > AUDIT_ env
-> default.
+are set the ``PYFORWARD_`` one wins and the conflict is reported (both names: envnames.py). Precedence: flag >
+PYFORWARD_ env > AUDIT_ env > default.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import os
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, ValidationError, model_validator
-from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-ENV_PREFIX = "PYFORWARD_"
+# env_name is re-exported: a setting's env var name is asked of the settings module across the package.
+from pyforward.envnames import ENV_PREFIX, LegacyEnvSource, read_legacy_env
+from pyforward.envnames import env_name as env_name
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
@@ -170,6 +170,14 @@ class Settings(BaseSettings):
     )
     compress_level: int = Field(
         1, ge=1, le=9, description="gzip level (1 is fastest).", json_schema_extra=_group("records")
+    )
+    record_ranges: bool = Field(
+        True,
+        description="Send with each chunk its source file's id and each record's byte range in it (options "
+        "pyforward.source, pyforward.offset, pyforward.lengths: docs/protocol.md), so that pyforward receive writes "
+        "every event exactly once across crashes and retries; other receivers ignore them (at-least-once). false: "
+        "chunks carry only size and chunk, as before.",
+        json_schema_extra=_group("records"),
     )
     max_inflight_bytes: ByteCount = Field(
         16 << 20,
@@ -468,115 +476,9 @@ class Settings(BaseSettings):
         return init_settings, env_settings, LegacyEnvSource(settings_cls)
 
 
-# --- audit-forwarder's env names ---------------------------------------------------------------------------
-# (old name, setting, note). Same meaning and default as audit-forwarder v0.2.5 (shared/reference).
-LEGACY_ENV: tuple[tuple[str, str, str], ...] = (
-    ("AUDIT_KUBECFG", "kubeconfig", ""),
-    ("AUDIT_NAMESPACE", "namespace", ""),
-    ("AUDIT_SERVICE_NAME", "service_name", ""),
-    ("AUDIT_SECRET_NAME", "secret_name", ""),
-    ("AUDIT_AUDIT_LOG_PATH", "log_path", ""),
-    (
-        "AUDIT_MEM_BUF_LIMIT",
-        "max_inflight_bytes",
-        "fluent-bit's tail memory limit becomes the bound on bytes in flight",
-    ),
-    ("AUDIT_TLS_BASEDIR", "tls_dir", ""),
-    ("AUDIT_TLS_CA_FILE", "secret_ca_key", "Secret key and file name"),
-    ("AUDIT_TLS_CRT_FILE", "secret_cert_key", "Secret key and file name"),
-    ("AUDIT_TLS_KEY_FILE", "secret_key_key", "Secret key and file name"),
-    ("AUDIT_TLS_VHOST", "tls_server_name", ""),
-    ("AUDIT_LOG_LEVEL", "log_level", ""),
-    ("AUDIT_KONNECTIVITY_UDS_SOCKET", "proxy_uds", ""),
-    ("AUDIT_PROXY_HOST", "proxy_host", ""),
-    ("AUDIT_PROXY_PORT", "proxy_port", ""),
-    ("AUDIT_PROXY_CA_FILE", "proxy_ca_file", ""),
-    ("AUDIT_PROXY_CLIENT_CRT_FILE", "proxy_cert_file", ""),
-    ("AUDIT_PROXY_CLIENT_KEY_FILE", "proxy_key_file", ""),
-)
-# Settings with no meaning any more: accepted, logged once as ignored.
-LEGACY_IGNORED: dict[str, str] = {
-    "AUDIT_CHECK_SCHEDULE": "pyforward watches the Service and Secret instead of polling",
-    "AUDIT_BACKOFF_TIMER": "there is no fluent-bit to restart; reconnects use PYFORWARD_BACKOFF_*",
-    "AUDIT_FLUENT_LOG_LEVEL": "there is no fluent-bit; use PYFORWARD_LOG_LEVEL",
-}
-# audit-forwarder's proxy defaults, used only when the proxy host comes from AUDIT_PROXY_HOST.
-LEGACY_PROXY_DEFAULTS = {
-    "proxy_ca_file": "/proxy/ca/ca.crt",
-    "proxy_cert_file": "/proxy/client/tls.crt",
-    "proxy_key_file": "/proxy/client/tls.key",
-}
-# audit-forwarder always spoke TLS with its vhost defaulting to the service name.
-LEGACY_DEFAULTS = {"tls_server_name": "kubernetes-audit-tailer", "tls_dir": "/fluent-bit/etc/ssl"}
-
-
-@dataclass
-class LegacyReport:
-    values: dict[str, str] = field(default_factory=dict)  # setting -> raw value
-    origin: dict[str, str] = field(default_factory=dict)  # setting -> env var name
-    conflicts: list[str] = field(default_factory=list)
-    ignored: list[str] = field(default_factory=list)
-    used: bool = False
-
-
-def read_legacy_env(environ: Mapping[str, str]) -> LegacyReport:
-    report = LegacyReport()
-    upper = {k.upper(): v for k, v in environ.items()}
-    for name, setting, _ in LEGACY_ENV:
-        if name not in environ or environ[name] == "":
-            continue
-        report.used = True
-        if f"{ENV_PREFIX}{setting.upper()}" in upper:
-            report.conflicts.append(
-                f"{name} and {ENV_PREFIX}{setting.upper()} are both set: {ENV_PREFIX}{setting.upper()} wins"
-            )
-            continue
-        report.values[setting] = environ[name]
-        report.origin[setting] = name
-    for name, why in LEGACY_IGNORED.items():
-        if name in environ:
-            report.used = True
-            report.ignored.append(f"{name} is ignored: {why}")
-    if "AUDIT_KUBECFG" not in environ and report.used and "KUBECONFIG" not in upper:
-        # audit-forwarder's default kubeconfig; only where it exists, else in-cluster config.
-        home_cfg = Path(environ.get("HOME", "~")).expanduser() / ".kube" / "config"
-        if home_cfg.exists() and f"{ENV_PREFIX}KUBECONFIG" not in upper:
-            report.values["kubeconfig"] = str(home_cfg)
-            report.origin["kubeconfig"] = "AUDIT_KUBECFG (default)"
-    if report.origin.get("proxy_host") == "AUDIT_PROXY_HOST":
-        for setting, default in LEGACY_PROXY_DEFAULTS.items():
-            if setting not in report.values and f"{ENV_PREFIX}{setting.upper()}" not in upper:
-                report.values[setting] = default
-                report.origin[setting] = f"{_legacy_name(setting)} (default)"
-    if report.used:
-        for setting, default in LEGACY_DEFAULTS.items():
-            if setting not in report.values and f"{ENV_PREFIX}{setting.upper()}" not in upper:
-                report.values[setting] = default
-                report.origin[setting] = f"{_legacy_name(setting)} (default)"
-    return report
-
-
-def _legacy_name(setting: str) -> str:
-    return next(name for name, s, _ in LEGACY_ENV if s == setting)
-
-
-class LegacyEnvSource(PydanticBaseSettingsSource):
-    """audit-forwarder's AUDIT_* variables, below PYFORWARD_* in precedence."""
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        return dict(read_legacy_env(os.environ).values)
-
-
 # --- loading, errors and provenance ------------------------------------------------------------------------
 class SettingsError(Exception):
     """One line per problem, naming the setting (env var and flag) and what is wrong."""
-
-
-def env_name(setting: str) -> str:
-    return f"{ENV_PREFIX}{setting.upper()}"
 
 
 def flag_name(setting: str) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from pyforward import __version__
 from tests.harness import wait_for
 from tests.image import engine
 from tests.image.engine import EngineUnavailable, docker
@@ -27,6 +28,10 @@ ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 #: The uid (and gid) the image runs as: the conventional "nonroot" of distroless.
 NONROOT = 65532
+#: The build arguments the release workflow passes (.github/workflows/release.yml), as it would for this checkout:
+#: the version setuptools-scm gave the installed pyforward, and a source URL of the test's own.
+LABEL_ARGS = {"VERSION": __version__, "REVISION": "0123456789abcdef0123456789abcdef01234567",
+              "SOURCE_URL": "https://example.invalid/pyforward"}
 
 
 @dataclass(frozen=True)
@@ -77,7 +82,7 @@ def images(container_engine: str, session_id: str, tmp_path_factory: pytest.Temp
             ROOT,
             tags.pyforward,
             logs / "pyforward.build.log",
-            build_args={"BASE_IMAGE": base},
+            build_args={"BASE_IMAGE": base, **LABEL_ARGS},
             secrets={"extra-ca": extra_ca} if extra_ca is not None else None,
         )
         engine.build(HERE, tags.proxy, logs / "proxy.build.log", dockerfile=HERE / "proxy.Dockerfile",

@@ -33,7 +33,7 @@ import trustme
 from pyforward.auditgen import RotatingAuditLog, audit_id, generate_events
 from tests.conftest import CertFiles, free_port, write_certs
 from tests.harness import ReceivedIds, delivery, try_metrics, wait_for
-from tests.image.conftest import HERE, NONROOT, Container, Containers, Images, chown_tree
+from tests.image.conftest import HERE, LABEL_ARGS, NONROOT, Container, Containers, Images, chown_tree
 from tests.image.engine import build, docker, image_exists, inspect
 from tests.proxies import connectable
 
@@ -78,7 +78,12 @@ def test_image_is_nonroot_read_only_and_lean(images: Images) -> None:
     assert config["User"] == f"{NONROOT}:{NONROOT}"
     assert config["Entrypoint"] == ["pyforward"]
     assert config["Cmd"] == ["run"]
-    assert config["Labels"]["org.opencontainers.image.licenses"] == "Apache-2.0"
+    # The OCI labels from the build arguments (issue 24): what an operator reads to tell two images apart.
+    labels = config["Labels"]
+    assert labels["org.opencontainers.image.licenses"] == "Apache-2.0"
+    assert labels["org.opencontainers.image.version"] == LABEL_ARGS["VERSION"]
+    assert labels["org.opencontainers.image.revision"] == LABEL_ARGS["REVISION"]
+    assert labels["org.opencontainers.image.source"] == LABEL_ARGS["SOURCE_URL"]
     out = in_image(
         images,
         "id -u; id -g; pyforward --version; "
@@ -93,7 +98,8 @@ def test_image_is_nonroot_read_only_and_lean(images: Images) -> None:
     )
     lines = out.split()
     assert lines[:2] == [str(NONROOT), str(NONROOT)], out
-    assert "pyforward 0.1.0" in out, out
+    # The wheel built without .git carries the version passed in (SETUPTOOLS_SCM_PRETEND_VERSION_FOR_PYFORWARD).
+    assert f"pyforward {LABEL_ARGS['VERSION']}" in out.splitlines(), out
     for expected in ("pip=0", "pyi=0", "tests=0", "wheels=0", "license=1", "rootfs=read-only"):
         assert expected in lines, f"{expected} not in {lines}"
 

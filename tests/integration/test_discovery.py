@@ -21,8 +21,9 @@ from typing import Any
 import kmock
 import pytest
 
-from pyforward import discovery as discovery_module
 from pyforward.discovery import Discovery, Target
+from pyforward.discovery import kubeconfig as discovery_kubeconfig
+from pyforward.discovery import pacing as discovery_pacing
 from pyforward.settings import Settings
 from tests.conftest import CertFiles, write_certs
 from tests.integration.kubemock import (
@@ -57,7 +58,7 @@ def kubeconfig(tmp_path: Path, cluster: Cluster) -> Path:
 
 @pytest.fixture(autouse=True)
 def fast_config_poll(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(discovery_module, "CONFIG_POLL_INTERVAL", 0.05)
+    monkeypatch.setattr(discovery_kubeconfig, "CONFIG_POLL_INTERVAL", 0.05)
 
 
 def make_settings(tmp_path: Path, kubeconfig: Path | None, **overrides: Any) -> Settings:
@@ -292,7 +293,7 @@ async def test_api_500s_keep_target_then_recover(
         assert len(service_errors) == 1, [r.getMessage() for r in service_errors]
         assert len(secret_errors) == 1, [r.getMessage() for r in secret_errors]
         # Later errors are summed up at most once per ERROR_LOG_INTERVAL (shortened here), with a count.
-        monkeypatch.setattr(discovery_module, "ERROR_LOG_INTERVAL", 0.0)
+        monkeypatch.setattr(discovery_pacing, "ERROR_LOG_INTERVAL", 0.0)
         await eventually(
             lambda: any(
                 "500 InternalError: etcd is having a bad day" in r.getMessage()

@@ -503,14 +503,14 @@ async def test_close_lets_a_request_being_written_finish_and_ack(
     from pyforward.receiver import output as receiver_module
 
     started, release = threading.Event(), threading.Event()
-    original = receiver_module._Writer._write
+    original = receiver_module._Writer._write_output
 
     def slow_write(self: Any, data: bytes) -> None:
         started.set()
         assert release.wait(DEADLINE)
         original(self, data)
 
-    monkeypatch.setattr(receiver_module._Writer, "_write", slow_write)
+    monkeypatch.setattr(receiver_module._Writer, "_write_output", slow_write)
     async with running(tmp_path) as (receiver, port, output), client(port) as busy, client(port) as idle:
         await busy.send(encode_forward(TAG, records(3), {"chunk": "in-flight"}))
         assert await asyncio.to_thread(started.wait, DEADLINE)

@@ -192,6 +192,9 @@ def test_missing_file(tmp_path: Path) -> None:
     assert str(info.value) == f"cannot read proxy tls CA {missing}: no such file or directory"
 
 
+# Python 3.12+ warns about any fork() of a process with threads (xdist's worker has some). The child only drops its
+# ids, loads one CA file and _exits: this test starts no thread of its own.
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
 def test_unreadable_file_names_permission_denied(certs: CertFiles) -> None:
     # root reads anything, so as root the check runs in a child process as 'nobody'.
     if os.geteuid() != 0:

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pyforward import docgen
-from pyforward.settings import LEGACY_ENV, LEGACY_IGNORED, Settings, env_name
+from pyforward.envnames import LEGACY_ENV, LEGACY_IGNORED
+from pyforward.settings import Settings, env_name
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 

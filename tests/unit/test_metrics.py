@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import platform
 import socket
 import threading
 import time
@@ -115,7 +116,7 @@ def test_scrape_names_and_values(metrics: Metrics, server: Server) -> None:
     assert values[("pyforward_connected", ())] == 1
     assert values[("pyforward_certificate_expiry_seconds", (("cert", "receiver"),))] == 86400
     assert values[("pyforward_last_ack_timestamp_seconds", ())] == 1_700_000_000
-    assert values[("pyforward_build_info", (("version", __version__),))] == 1
+    assert values[("pyforward_build_info", (("python", platform.python_version()), ("version", __version__)))] == 1
 
 
 def test_known_labels_start_at_zero_and_expiry_stays_unset(metrics: Metrics, server: Server) -> None:

@@ -9,13 +9,11 @@ from typing import Any
 
 import pytest
 
+from pyforward.envnames import LEGACY_ENV, LEGACY_IGNORED, read_legacy_env
 from pyforward.settings import (
-    LEGACY_ENV,
-    LEGACY_IGNORED,
     Settings,
     SettingsError,
     load_settings,
-    read_legacy_env,
     sources,
 )
 

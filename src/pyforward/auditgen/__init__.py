@@ -14,7 +14,8 @@ a name suffix with ``bytes % mapping``.
 
 CLI: ``python -m pyforward.auditgen --count N --out FILE [--seed S] [--id-prefix P] [--rate R]``.
 
-Modules: `shapes` (event shapes, templates), `events` (generate_events, audit_id), `rotating`
+Modules: `pools` (nodes, apps, people, ...), `objects` (the ConfigMap and Pod of RequestResponse events), `shapes`
+(event shapes, templates), `events` (generate_events, audit_id), `rotating`
 (RotatingAuditLog), `cli` (``python -m pyforward.auditgen``).
 """
 

@@ -12,7 +12,8 @@ No sockets, no asyncio, no logging: bytes in, events out; values in, bytes out.
   bytes into `Ping` / `Request` / `HealthCheck` / `NotArray`, streaming, with every size bounded.
 
 One module per concern, as in h11: `_types` (errors, carrier modes, EventTime), `_writers` (encoding), `_handshake`
-(HELO/PING/PONG, acks), `_readers` (decoding); this package exports their public names.
+(HELO/PING/PONG, acks), `_readers` (decoding), `_ranges` (the ``pyforward.*`` options: where each record of a chunk
+came from, issue 22); this package exports their public names.
 
 The facts (and the traps) this package follows: shared/reference/forward-protocol.md.
 """
@@ -34,6 +35,15 @@ from pyforward.protocol._handshake import (
     verify_ping,
     verify_pong,
 )
+from pyforward.protocol._ranges import (
+    OPTION_LENGTHS,
+    OPTION_OFFSET,
+    OPTION_SOURCE,
+    RangeError,
+    SourceRanges,
+    parse_ranges,
+    range_options,
+)
 from pyforward.protocol._readers import ClientDecoder, Entry, HealthCheck, NotArray, Request, ServerDecoder
 from pyforward.protocol._types import EventTime, HandshakeError, Mode, ProtocolError
 from pyforward.protocol._writers import (
@@ -49,6 +59,9 @@ from pyforward.protocol._writers import (
 )
 
 __all__ = [
+    "OPTION_LENGTHS",
+    "OPTION_OFFSET",
+    "OPTION_SOURCE",
     "Ack",
     "Chunk",
     "ClientDecoder",
@@ -63,8 +76,10 @@ __all__ = [
     "Ping",
     "Pong",
     "ProtocolError",
+    "RangeError",
     "Request",
     "ServerDecoder",
+    "SourceRanges",
     "build_chunk",
     "encode_ack",
     "encode_compressed_packed_forward",
@@ -79,6 +94,8 @@ __all__ = [
     "make_ping",
     "make_pong",
     "new_chunk_id",
+    "parse_ranges",
+    "range_options",
     "verify_ping",
     "verify_pong",
 ]

@@ -245,10 +245,14 @@ def build_chunk(
     level: int = 1,
     chunk_id: str | None = None,
     position: object = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Chunk:
-    """PackedForward (or CompressedPackedForward) with options ``{"size", "chunk"[, "compressed"]}``."""
+    """PackedForward (or CompressedPackedForward) with options ``{"size", "chunk"[, extra...][, "compressed"]}``
+    (`extra`: the ``pyforward.*`` record ranges, protocol/_ranges.py)."""
     cid = new_chunk_id() if chunk_id is None else chunk_id
-    options = {"size": records, "chunk": cid}
+    options: dict[str, Any] = {"size": records, "chunk": cid}
+    if extra:
+        options.update(extra)
     if compress:
         payload = encode_compressed_packed_forward(tag, gzip_compress(entries, level), options)
     else:

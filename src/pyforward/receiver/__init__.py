@@ -21,7 +21,13 @@ cyclic GC paused (see ``_receive``), records are rendered with orjson in one pas
 record. TLS is started per accepted socket with the context of the moment, so renewed certificates apply
 to new connections without a restart (certs.py).
 
-Modules: `config` (settings, counters), `output` (the writer), `server` (Receiver), `cli` (`pyforward receive`).
+Exactly once (issue 22): a request from `pyforward run` says which file its records came from and the bytes each
+covers (``pyforward.*`` options); the receiver keeps per source the end of what it has written and acks, without
+writing them, the records that end at or before it (`dedup`), the marks kept across restarts in a file of one sector
+per source (`markfile`).
+
+Modules: `config` (settings, counters), `output` (the writer), `server` (Receiver), `dedup` and `markfile` (exactly
+once), `listen` (sockets, rate-limited log), `metrics` (``--metrics-bind``), `cli` (`pyforward receive`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pyforward.certs import CertError, TLSFiles, TLSMaterial
 from pyforward.receiver.config import ENV_SHARED_KEY, ENV_USERS, ReceiverConfig, log
+from pyforward.receiver.markfile import MarkFileError
 from pyforward.receiver.output import OutputError, _reason
 from pyforward.receiver.server import Receiver
 
@@ -195,6 +196,61 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help="Recently acked chunk ids remembered: a retried chunk is acked again without writing its events "
         f"twice; 0 disables (default {defaults.dedup_ids}).",
     )
+    once = parser.add_argument_group(
+        "Exactly once",
+        "pyforward run (record_ranges, on by default) marks each chunk with its source file and each record's byte "
+        "range in it (options pyforward.source, pyforward.offset, pyforward.lengths; docs/protocol.md). This receiver "
+        "keeps, per source, the end of what it has written: a record that ends at or before it is a re-send (after "
+        "a crash, restart or reconnect of the sender) and is acked without being written again "
+        "(pyforward_receiver_duplicates_dropped_total); anything else is written. Senders without these options "
+        "(fluent-bit, fluentd, pyforward with record_ranges off) are at-least-once, as before; a third-party receiver "
+        "(fluentd, fluent-bit) sent these options ignores them (the Forward spec's unknown options) and is "
+        "at-least-once. Ranges that make no sense close the connection.",
+    )
+    once.add_argument(
+        "--no-exactly-once",
+        dest="exactly_once",
+        action="store_false",
+        help="Ignore the pyforward.* options: write every record received (chunk ids are still deduplicated).",
+    )
+    once.add_argument(
+        "--dedup-state",
+        type=Path,
+        metavar="FILE",
+        help="Where the per-source marks are kept across restarts: one 512-byte slot per source, written in place "
+        "after the output and before the ack (default: FILE.pyforward-marks beside --output; in memory only when "
+        "writing to standard output).",
+    )
+    once.add_argument(
+        "--dedup-max-sources",
+        type=_count(1),
+        default=defaults.dedup_max_sources,
+        metavar="N",
+        help=f"Sources remembered (default {defaults.dedup_max_sources}: ~{defaults.dedup_max_sources // 2} KiB of "
+        "state file); over it the one idle the longest is forgotten. Forgetting makes a later re-send of that source "
+        "a duplicate, never a loss.",
+    )
+    once.add_argument(
+        "--dedup-forget-after",
+        type=_positive_float,
+        default=defaults.dedup_forget_after,
+        metavar="SECONDS",
+        help=f"Forget a source idle this long (default {defaults.dedup_forget_after:g}: 7 days; a sender re-sends "
+        "only what follows its checkpoint, so only a sender down longer than this re-sends a forgotten source).",
+    )
+    once.add_argument(
+        "--sync",
+        action="store_true",
+        help="fdatasync the output, then the state, before each ack (survives a power loss; costs a disk flush per "
+        "write batch). Without it, a crash of this process loses and duplicates nothing (the page cache keeps "
+        "both), a power loss may lose what the kernel had not written back.",
+    )
+    out.add_argument(
+        "--metrics-bind",
+        metavar="HOST:PORT",
+        help="Serve Prometheus metrics (/metrics: requests, records, duplicates dropped, sources tracked, ...) on "
+        "HOST:PORT (default: none).",
+    )
     parser.set_defaults(_receive_parser=parser)
 
 
@@ -243,10 +299,22 @@ def config_from_args(args: argparse.Namespace, environ: Mapping[str, str] | None
         idle_timeout=args.idle_timeout,
         handshake_timeout=args.handshake_timeout,
         dedup_ids=args.dedup_ids,
+        exactly_once=args.exactly_once,
+        dedup_state=_state_path(args),
+        dedup_max_sources=args.dedup_max_sources,
+        dedup_forget_after=args.dedup_forget_after,
+        sync=args.sync,
     )
     if args.self_hostname:
         config.self_hostname = args.self_hostname
     return config
+
+
+def _state_path(args: argparse.Namespace) -> Path | None:
+    if args.dedup_state is not None:
+        return Path(args.dedup_state)
+    output: Path | None = args.output
+    return output.with_name(output.name + ".pyforward-marks") if output is not None else None
 
 
 async def receive_command(args: argparse.Namespace) -> int:
@@ -264,14 +332,25 @@ async def receive_command(args: argparse.Namespace) -> int:
         port = await receiver.start()
     except CertError as exc:
         return _fail(args, str(exc))
-    except OutputError as exc:
+    except (OutputError, MarkFileError) as exc:
         return _fail(args, str(exc))
     except OSError as exc:
         print(f"pyforward receive: cannot listen on {config.host}:{config.port}: {_reason(exc)}", file=sys.stderr)
         return 1
+    loop = asyncio.get_running_loop()
+    served = None
+    if args.metrics_bind:
+        from pyforward.metrics import HealthState, start_server
+        from pyforward.receiver.metrics import ReceiverMetrics
+
+        try:
+            served = start_server(args.metrics_bind, ReceiverMetrics(receiver), HealthState(loop=loop))
+        except (OSError, ValueError) as exc:
+            await receiver.close()
+            print(f"pyforward receive: {exc}", file=sys.stderr)
+            return 1
     # Everything loaded so far lives as long as the process: keep it out of the GC's full collections.
     gc.freeze()
-    loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     installed: list[signal.Signals] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -286,15 +365,18 @@ async def receive_command(args: argparse.Namespace) -> int:
         for signum in installed:
             loop.remove_signal_handler(signum)
         await receiver.close()
+        if served is not None:
+            served.close()
     s = receiver.stats
     log.info(
-        "stopped: %d connections, %d requests, %d records, %d acks, %d duplicate chunks, %d bad requests, "
-        "%d auth failures",
+        "stopped: %d connections, %d requests, %d records, %d acks, %d duplicate chunks, %d duplicate records "
+        "dropped, %d bad requests, %d auth failures",
         s.connections,
         s.requests,
         s.records,
         s.acks,
         s.duplicate_chunks,
+        receiver.marks.dropped_records if receiver.marks is not None else 0,
         s.bad_requests,
         s.auth_failures,
     )

@@ -38,6 +38,13 @@ class ReceiverConfig:
     dedup_ids: int = 100_000  # recently acked chunk ids remembered (0: no dedup)
     handshake_timeout: float = 10.0  # TLS plus shared-key handshake
     max_entries: int = 1_000_000  # entries per request
+    # Exactly once (issue 22, dedup.py): records a sender marks with pyforward.* ranges that end at or before what is
+    # written for their source are acked and not written again.
+    exactly_once: bool = True
+    dedup_state: Path | None = None  # where the marks are kept across restarts (None: in memory only)
+    dedup_max_sources: int = 4096
+    dedup_forget_after: float = 7 * 86400.0  # seconds a source may stay idle before it is forgotten
+    sync: bool = False  # fdatasync the output, then the state, before each ack (power loss)
 
 
 @dataclass
@@ -56,3 +63,4 @@ class ReceiverStats:
     rejected_connections: int = 0
     evicted_connections: int = 0  # idle connections closed at the cap to make room
     write_errors: int = 0
+    bad_ranges: int = 0  # requests whose pyforward.* ranges made no sense (connection closed)

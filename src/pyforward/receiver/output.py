@@ -11,7 +11,7 @@ import stat
 import sys
 import time
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import orjson
 
@@ -22,6 +22,9 @@ from pyforward.protocol import (
 from pyforward.receiver.config import OutputFormat, log
 from pyforward.records import to_json_line
 
+if TYPE_CHECKING:
+    from pyforward.receiver.dedup import Mark, SourceMarks
+
 
 class _Writer:
     """Serialises writes of all connections; each ``submit`` resolves once its bytes are written and flushed.
@@ -30,9 +33,16 @@ class _Writer:
     A file we open is written unbuffered with ``os.write`` (the batch is the buffer): if a write fails half-way
     (ENOSPC), the file is cut back to its last complete line, so the client's retry appends to a clean file.
     Standard output is a buffered binary stream: write + flush.
+
+    With `marks` (exactly once, dedup.py), each batch is: the output written, then the state of the sources it
+    advanced (their slots, in the same thread), then the marks moved and the futures resolved (the acks): a crash
+    between the first two may repeat that batch, never lose it. `sync`: fdatasync the output, then the state, per
+    batch (power loss; off by default: docs/protocol.md).
     """
 
-    def __init__(self, output: Path | None) -> None:
+    def __init__(self, output: Path | None, marks: SourceMarks | None = None, *, sync: bool = False) -> None:
+        self._marks = marks
+        self._sync = sync
         self._fd: int | None = None
         self._stream: IO[bytes] | None = None
         self._regular = False
@@ -44,7 +54,7 @@ class _Writer:
             except OSError as exc:
                 raise OutputError(exc.errno, f"cannot open output {output}: {_reason(exc).lower()}") from None
             self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
-        self._queue: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._queue: list[tuple[bytes, asyncio.Future[None], Mark | None]] = []
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -52,16 +62,21 @@ class _Writer:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="pyforward-receiver-writer")
 
-    def submit(self, data: bytes) -> asyncio.Future[None]:
+    def submit(self, data: bytes, mark: Mark | None = None) -> asyncio.Future[None]:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if self._closing:
             future.set_exception(OSError("the receiver is closing"))
             return future
-        self._queue.append((data, future))
+        self._queue.append((data, future, mark))
         self._wakeup.set()
         return future
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: bytes, slots: list[tuple[int, bytes]]) -> None:
+        self._write_output(data)
+        if self._marks is not None:
+            self._marks.save(slots, self._sync)
+
+    def _write_output(self, data: bytes) -> None:
         fd = self._fd
         if fd is None:
             assert self._stream is not None
@@ -78,6 +93,8 @@ class _Writer:
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, end)
             raise
+        if self._sync and self._regular:
+            os.fdatasync(fd)
 
     async def _run(self) -> None:
         while True:
@@ -86,15 +103,22 @@ class _Writer:
             batch, self._queue = self._queue, []
             if batch:
                 data = batch[0][0] if len(batch) == 1 else b"".join(item[0] for item in batch)
+                state = self._marks
+                marks = [item[2] for item in batch if item[2] is not None] if state is not None else []
+                slots = state.plan(marks) if state is not None and marks else []
                 try:
-                    await asyncio.to_thread(self._write, data)
+                    await asyncio.to_thread(self._write, data, slots)
                 except Exception as exc:  # an OSError in practice; anything else must not kill the writer
                     error = exc if isinstance(exc, OSError) else OSError(str(exc))
-                    for _, future in batch:
+                    if state is not None and marks:
+                        state.failed(marks)
+                    for _, future, _ in batch:
                         if not future.done():
                             future.set_exception(error)
                 else:
-                    for _, future in batch:
+                    if state is not None and marks:
+                        state.committed(marks)
+                    for _, future, _ in batch:
                         if not future.done():
                             future.set_result(None)
             if self._closing and not self._queue:

@@ -8,7 +8,6 @@ import contextlib
 import gc
 import logging
 import socket
-import time
 from collections import OrderedDict
 from typing import Any
 
@@ -19,6 +18,7 @@ from pyforward.protocol import (
     NotArray,
     Ping,
     ProtocolError,
+    RangeError,
     Request,
     ServerDecoder,
     encode_ack,
@@ -26,9 +26,13 @@ from pyforward.protocol import (
     encode_pong,
     make_helo,
     make_pong,
+    parse_ranges,
     verify_ping,
 )
 from pyforward.receiver.config import ReceiverConfig, ReceiverStats, log
+from pyforward.receiver.dedup import Mark, SourceMarks
+from pyforward.receiver.listen import RateLimitedLog, listen, peer_address
+from pyforward.receiver.markfile import MarkFile
 from pyforward.receiver.output import _reason, _Writer, render
 
 # One read per wakeup. Large enough that a 1 MiB chunk arrives in a few reads, small enough to bound what a
@@ -44,39 +48,6 @@ _EVICT_MIN_IDLE = 1.0
 _DRAIN_TIMEOUT = 5.0
 
 
-# ----------------------------------------------------------------------------------------------- logging
-
-
-class _RateLimitedLog:
-    """At most ``burst`` messages per ``interval`` seconds per kind; then one line saying how many were dropped.
-
-    A misbehaving peer reconnecting in a loop must not flood the receiver's log (or its disk).
-    """
-
-    def __init__(self, logger: logging.Logger, *, interval: float = 10.0, burst: int = 5) -> None:
-        self._log = logger
-        self._interval = interval
-        self._burst = burst
-        self._windows: dict[str, list[float]] = {}  # kind -> [window start, emitted, suppressed]
-
-    def __call__(self, level: int, kind: str, msg: str, *args: object) -> None:
-        if not self._log.isEnabledFor(level):
-            return
-        now = time.monotonic()
-        window = self._windows.get(kind)
-        if window is None or now - window[0] >= self._interval:
-            if window is not None and window[2]:
-                self._log.log(
-                    level, "%d more %s messages suppressed in the last %.0f s", window[2], kind, now - window[0]
-                )
-            window = self._windows[kind] = [now, 0, 0]
-        if window[1] < self._burst:
-            window[1] += 1
-            self._log.log(level, msg, *args)
-        else:
-            window[2] += 1
-
-
 # ----------------------------------------------------------------------------------------------- receiver
 
 
@@ -86,48 +57,6 @@ _Pending = tuple[bytes | None, int, "asyncio.Future[None]"]
 
 class _Closed(Exception):
     """Ends one connection; the reason has been logged."""
-
-
-def _address(sock: socket.socket) -> str:
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        return "<disconnected>"
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        host = str(peer[0])
-        return f"[{host}]:{peer[1]}" if ":" in host else f"{host}:{peer[1]}"
-    return str(peer)
-
-
-async def _listen(host: str, port: int, backlog: int = 512) -> list[socket.socket]:
-    """Listening sockets for every address of ``host`` (as asyncio.start_server; port 0: the first one's port)."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(
-        host or None, port, family=socket.AF_UNSPEC, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )
-    listeners: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, address in dict.fromkeys(infos):
-            sock = socket.socket(family, kind, proto)
-            listeners.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if port == 0 and len(listeners) > 1:  # the same free port on every address
-                address = (address[0], listeners[0].getsockname()[1], *address[2:])
-            try:
-                sock.bind(address)
-            except OSError as exc:
-                raise OSError(
-                    exc.errno, f"error while attempting to bind on address {address!r}: {(exc.strerror or '').lower()}"
-                ) from None
-            sock.listen(backlog)
-            sock.setblocking(False)
-    except BaseException:
-        for sock in listeners:
-            sock.close()
-        raise
-    return listeners
 
 
 class Receiver:
@@ -150,10 +79,17 @@ class Receiver:
         # written waits for that write rather than writing the events again.
         self._acked: OrderedDict[bytes, None] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[None]] = {}
-        self._ratelimited = _RateLimitedLog(log)
+        self._ratelimited = RateLimitedLog(log)
         self._shared_key = config.shared_key
         self._users = dict(config.users)
         self._hostname = config.self_hostname
+        self.marks: SourceMarks | None = None  # exactly once (dedup.py); None: turned off
+        if config.exactly_once:
+            self.marks = SourceMarks(
+                MarkFile(config.dedup_state) if config.dedup_state is not None else None,
+                max_sources=config.dedup_max_sources,
+                forget_after=config.dedup_forget_after,
+            )
 
     @property
     def mode(self) -> str:
@@ -165,17 +101,21 @@ class Receiver:
     async def start(self) -> int:
         """Load the TLS material, open the output, listen. Returns the bound port.
 
-        Raises :class:`CertError` for unusable certificates, :class:`OutputError` for the output file and
-        ``OSError`` for the address.
+        Raises :class:`CertError` for unusable certificates, :class:`OutputError` for the output file,
+        :class:`MarkFileError` for the exactly-once state and ``OSError`` for the address.
         """
         config = self.config
         if config.tls is not None:
             config.tls.load()
-        writer = _Writer(config.output)
+        writer = _Writer(config.output, self.marks, sync=config.sync)
         try:
-            self._listeners = await _listen(config.host, config.port)
+            if self.marks is not None:
+                self.marks.load()
+            self._listeners = await listen(config.host, config.port)
         except BaseException:
             await writer.close()
+            if self.marks is not None:
+                self.marks.close()
             raise
         self._writer = writer
         writer.start()
@@ -227,6 +167,8 @@ class Receiver:
                     await asyncio.gather(*busy, return_exceptions=True)
             if self._writer is not None:
                 await self._writer.close()
+            if self.marks is not None:
+                self.marks.close()
         finally:
             self._closed.set()
 
@@ -249,7 +191,7 @@ class Receiver:
                     logging.WARNING,
                     "connection-cap",
                     "refused connection from %s: %d connections open (limit %d)",
-                    _address(sock),
+                    peer_address(sock),
                     len(self._connections),
                     self.config.max_connections,
                 )
@@ -290,7 +232,7 @@ class Receiver:
     async def _connection(self, sock: socket.socket) -> None:
         task = asyncio.current_task()
         assert task is not None
-        peer = _address(sock)
+        peer = peer_address(sock)
         self.stats.connections += 1
         self.stats.active_connections += 1
         writer: asyncio.StreamWriter | None = None
@@ -491,7 +433,13 @@ class Receiver:
                         event.tag,
                         event.skipped,
                     )
-                pending.append((event.chunk, len(event.entries), self._submit(event)))
+                try:
+                    pending.append((event.chunk, len(event.entries), self._submit(event)))
+                except RangeError as exc:
+                    stats.bad_requests += 1
+                    stats.bad_ranges += 1
+                    self._ratelimited(logging.WARNING, "ranges", "closing connection from %s: %s", peer, exc)
+                    return pending, True  # the requests before it are acked once written
             elif type(event) is HealthCheck:
                 continue
             elif type(event) is NotArray:
@@ -530,18 +478,25 @@ class Receiver:
             if inflight is not None:
                 self.stats.duplicate_chunks += 1
                 return inflight
-        payload = render(request, self.config.output_format) if request.entries else b""
-        if not payload:
-            future = _done()
-        else:
-            assert self._writer is not None
-            future = self._writer.submit(payload)
         count = len(request.entries)
+        ranges = parse_ranges(request.options, count, request.skipped) if self.marks is not None else None
+        if ranges is not None:
+            assert self.marks is not None
+            future, count = self.marks.submit(request, ranges, self._write)
+        else:
+            future = self._write(request, None)
         key = chunk if dedup else None
         if key is not None:
             self._inflight[key] = future
         future.add_done_callback(lambda f: self._written(f, key, count))
         return future
+
+    def _write(self, request: Request, mark: Mark | None) -> asyncio.Future[None]:
+        payload = render(request, self.config.output_format) if request.entries else b""
+        if not payload:
+            return _done()
+        assert self._writer is not None
+        return self._writer.submit(payload, mark)
 
     def _written(self, future: asyncio.Future[None], chunk: bytes | None, count: int) -> None:
         ok = not future.cancelled() and future.exception() is None

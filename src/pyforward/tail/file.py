@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import errno
 import gzip
+import hashlib
 import os
 import stat
 import zlib
@@ -66,6 +67,10 @@ class Source:
         self.read_off = 0  # next byte to read (decompressed offset for .gz)
         self.inflight: asyncio.Future[ReadResult] | None = None  # read started by a cancelled call
         self._identity: FileIdentity | None = None
+        # (dev, ino) of the file this one is a copy of: set when start-up matched a .gz (or a copy) to the checkpointed
+        # file by content, so that its records keep that file's source id (docs/protocol.md, notes position.md item 3).
+        self.origin: tuple[int, int] | None = None
+        self._source_id: str | None = None
         self.closed = False
 
     def identity(self) -> FileIdentity:
@@ -73,9 +78,29 @@ class Source:
             self._identity = FileIdentity.of(self.dev, self.ino, bytes(self.head))
         return self._identity
 
+    def source_id(self) -> str:
+        """The file's id on the wire (``pyforward.source``, issue 22): ``"<dev>:<ino>:<h>"``, h the first 16 hex digits
+        of the sha256 of its first line with its newline (of its first FINGERPRINT_BYTES if that line is longer). It
+        names the file for its whole life: a rename keeps dev and ino, a restart reads the same first line, and a
+        truncate-and-rewrite or a reused inode gives another first line, so another source. Computed once: a line of
+        the file is shipped only once complete, so the first line is complete (in `head`) by then."""
+        cached = self._source_id
+        if cached is not None:
+            return cached
+        head = bytes(self.head)
+        newline = head.find(b"\n")
+        complete = newline >= 0 or len(head) >= FINGERPRINT_BYTES
+        first = head[: newline + 1] if newline >= 0 else head
+        dev, ino = self.origin if self.origin is not None else (self.dev, self.ino)
+        source = f"{dev}:{ino}:{hashlib.sha256(first).hexdigest()[:16]}"
+        if complete:
+            self._source_id = source
+        return source
+
     def reset_head(self) -> None:
         self.head = bytearray()
         self._identity = None
+        self._source_id = None  # truncated or rewritten: another first line, another source
 
     def add_to_head(self, data: bytes, offset: int) -> None:
         """Keep the first FINGERPRINT_BYTES as they are read: positions get a fingerprint for free."""

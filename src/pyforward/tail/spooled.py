@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pyforward.checkpoint import Position
+from pyforward.tail.scan import Sibling
 from pyforward.tail.spool import Released, Spool
 
 if TYPE_CHECKING:
@@ -31,8 +33,43 @@ log = logging.getLogger("pyforward.tailer")
 class SpoolSide:
     """The Tailer's hooks for its spool; Tailer inherits it and provides what it uses."""
 
+    spool: Spool | None
+    _spool_dir: Path | None
+    _dropped: Source | None
+    _filling: bool
+    _loop: asyncio.AbstractEventLoop | None
+
+    def _init_spool(self, path: Path, spool_dir: Path | None, max_bytes: int, min_free: int | None) -> None:
+        """Hard links that keep unshipped backups from the API server's retention. None: no spool at all (spool_dir not
+        given); with max_bytes=0 an earlier run's spool is still read and emptied."""
+        self.spool = None
+        if spool_dir is not None:
+            self.spool = Spool(path, spool_dir, max_bytes=max_bytes, min_free=min_free, unread=self._spool_released,
+                               reading=self._spool_reading)  # fmt: skip
+        self._spool_dir = spool_dir
+        self._dropped = None  # released by the spool's guard while being read: skip the rest of it
+        self._filling = False  # a read_batch is running (it skips a dropped file itself)
+        self._loop = None
+
+    def _spool_take(self, siblings: list[Sibling]) -> None:
+        """A listing (in its thread, outside the Tailer's lock: the guard asks _spool_released, which takes it)."""
+        if self.spool is not None:
+            self.spool.take(siblings)
+
+    def _spool_appeared(self, siblings: list[Sibling]) -> None:
+        if self.spool is not None:  # (on the loop, outside the Tailer's lock, as in _spool_take)
+            self.spool.appeared(siblings)
+
+    async def _begin_spool(self) -> None:
+        if self.spool is not None:  # link what the start position has not passed, adopt an earlier run's spool
+            await asyncio.to_thread(self.spool.begin, self._start_mark())
+
+    async def _start_spool(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.spool is not None:
+            await asyncio.to_thread(self.spool.start)  # (makes its directory, tries a hard link)
+
     if TYPE_CHECKING:  # the Tailer's, which mypy checks against these
-        spool: Spool | None
         stats: TailerStats
         _cur: Source | None
         _watermark: str | None
@@ -42,10 +79,7 @@ class SpoolSide:
         _line_off: int
         _buf: bytes
         _buf_pos: int
-        _dropped: Source | None
-        _filling: bool
         _closed: bool
-        _loop: asyncio.AbstractEventLoop | None
 
         def _newer(self, ts: str) -> bool: ...
         def _finish(self, src: Source) -> None: ...
@@ -99,6 +133,7 @@ class SpoolSide:
             self._skip_dropped()
 
     def _skip_dropped(self) -> None:
+        """Close the dropped file: its rest is lost (the spool logged and counted it); on to the next file."""
         src = self._dropped
         assert src is not None
         self._dropped = None

@@ -167,6 +167,7 @@ class StartResolution:
                             by_content[0].close()
                         return src, newest
                     if by_content is None and content_match(identity, bytes(src.head)):
+                        src.origin = (identity.dev, identity.ino)  # the same bytes: the same source (issue 22)
                         by_content = (src, newest)
                         continue
                     src.close()

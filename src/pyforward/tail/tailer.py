@@ -30,9 +30,9 @@ from pyforward.tail.file import (
 )
 from pyforward.tail.ledger import Ledger, View
 from pyforward.tail.lines import LineAssembler
+from pyforward.tail.looks import DirectoryLooks
 from pyforward.tail.rotate import RotationDetection
 from pyforward.tail.scan import DirectoryState, Sibling
-from pyforward.tail.spool import Spool
 from pyforward.tail.spooled import SpoolSide
 from pyforward.tail.start import StartResolution
 from pyforward.tail.types import LineBatch, Problems, TailerStats
@@ -60,9 +60,11 @@ class _Batch:
     start: int | None = None  # line boundary in the batch's file where it starts
     end: Position | None = None
     caught_up: bool = False
+    source: str = ""
+    unterminated: bool = False
 
 
-class Tailer(StartResolution, RotationDetection, SpoolSide):
+class Tailer(StartResolution, RotationDetection, DirectoryLooks, SpoolSide):
     """Lines of `path` and of its rotated backups, from `start` on, in order, each once.
 
     One consumer: do not call read_batch/wait concurrently.
@@ -118,18 +120,7 @@ class Tailer(StartResolution, RotationDetection, SpoolSide):
         self._watcher = Watcher(
             self._path, poll_interval=poll_interval, use_inotify=use_inotify, current=lambda: self._cur
         )
-        # Hard links that keep unshipped backups from the API server's retention (tail/spool.py, issue 21). None: no
-        # spool at all (spool_dir not given); with spool_max_bytes=0 an earlier run's spool is still read and emptied.
-        self.spool: Spool | None = None
-        if spool_dir is not None:
-            self.spool = Spool(
-                path, spool_dir, max_bytes=spool_max_bytes, min_free=spool_min_free, unread=self._spool_released,
-                reading=self._spool_reading,
-            )
-        self._spool_dir = spool_dir
-        self._dropped: Source | None = None  # released by the spool's guard while being read: skip the rest of it
-        self._filling = False  # a read_batch is running (it skips a dropped file itself)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._init_spool(self._path, spool_dir, spool_max_bytes, spool_min_free)  # (tail/spooled.py, issue 21)
 
     # -- public API ---------------------------------------------------------------------------------------
 
@@ -143,9 +134,7 @@ class Tailer(StartResolution, RotationDetection, SpoolSide):
     async def open(self) -> None:
         """Find where to start (see the module doc). If nothing is there yet, read_batch retries."""
         self._check_open()
-        self._loop = asyncio.get_running_loop()
-        if self.spool is not None:
-            await asyncio.to_thread(self.spool.start)
+        await self._start_spool()
         try:
             await self._advance()
         except OSError as e:
@@ -185,8 +174,9 @@ class Tailer(StartResolution, RotationDetection, SpoolSide):
         if batch.truncated:
             self.stats.long_line_bytes_dropped += sum(n - max_line for _, n in batch.truncated)
         return LineBatch(
-            lines=batch.lines, end=batch.end, size=size, truncated=batch.truncated, caught_up=batch.caught_up
-        )
+            lines=batch.lines, end=batch.end, size=size, truncated=batch.truncated, caught_up=batch.caught_up,
+            source=batch.source, unterminated=batch.unterminated,
+        )  # fmt: skip
 
     async def wait(self, timeout: float | None) -> None:
         """Return when the log may have changed (inotify, else polling every poll_interval) or on timeout.
@@ -267,6 +257,7 @@ class Tailer(StartResolution, RotationDetection, SpoolSide):
         self._line_off += advanced
         if len(batch.lines) > before:
             batch.end = self._position()
+            batch.source = self._cur.source_id() if self._cur is not None else ""
         if self._buf_pos >= len(self._buf):
             self._buf, self._buf_pos = b"", 0
 
@@ -280,9 +271,9 @@ class Tailer(StartResolution, RotationDetection, SpoolSide):
                 if batch.lines or not await self._advance():
                     return
                 continue
-            if src is self._dropped:  # released by the spool's guard (lost, logged and counted there)
+            if src is self._dropped:  # released by the spool's guard (logged, counted): the lines cut first, then skip
                 if batch.lines:
-                    return  # these first: their end Position names this file
+                    return
                 self._skip_dropped()
                 batch.start = None
                 continue
@@ -344,6 +335,8 @@ class Tailer(StartResolution, RotationDetection, SpoolSide):
             self._line_off += self._lines.flush(batch.lines, batch.truncated)
             if len(batch.lines) > before:
                 batch.end = self._position()
+                batch.source = src.source_id()
+                batch.unterminated = True  # flush() returns only a line its file ended without a newline
             self._finish(src)
             if batch.lines:
                 return  # a batch ends with its file: its end Position names one file
@@ -424,8 +417,7 @@ class Tailer(StartResolution, RotationDetection, SpoolSide):
             self._ledger.apply(seq, siblings, self._view())
             if self._listed is None or began >= self._listed[1]:
                 self._listed = (state, began)
-        if self.spool is not None:  # (outside the lock: its guard asks _spool_released, which takes it)
-            self.spool.take(siblings)
+        self._spool_take(siblings)
         return siblings
 
     def _view(self) -> View:
@@ -438,38 +430,6 @@ class Tailer(StartResolution, RotationDetection, SpoolSide):
             live=self._path,
             avg_line=stats.bytes / stats.lines if stats.lines else None,
         )
-
-    def _watch_directory(self) -> None:
-        """Look at the directory each time a backup name changes (inotify, names only), not only when the tailer
-        advances: a backup lumberjack deletes unread is then seen, with its size, even while the tailer stays in
-        one file for long (receiver down). Retried at each advance until it works (directory not there yet)."""
-        if self._use_inotify and not self._dir_events.active:
-            self._dir_events.start()
-
-    def _dir_changed(self, appeared: list[Sibling]) -> None:
-        if appeared:
-            with self._lock:
-                self._ledger.appeared(appeared)
-            if self.spool is not None:  # (outside the lock, as in _list)
-                self.spool.appeared(appeared)
-        if self._closed:
-            return
-        if self._look is None or self._look.done():
-            self._look = asyncio.get_running_loop().create_task(self._look_at_directory(), name="tailer-look")
-        else:
-            self._look_again = True  # changed while a look runs: one more after it
-
-    async def _look_at_directory(self) -> None:
-        while True:
-            self._look_again = False
-            try:
-                await asyncio.to_thread(self._list)
-            except OSError:
-                pass  # reading reports I/O problems (rate-limited); the next change looks again
-            except Exception:  # a bug: not silent (issue 12); the next change looks again
-                log.exception("looking at %s for deleted backups failed", self._path.parent)
-            if not self._look_again or self._closed:
-                return
 
     def _lost(self, size: int) -> None:
         self.stats.lost_files += 1
@@ -497,8 +457,7 @@ class Tailer(StartResolution, RotationDetection, SpoolSide):
         if not self._started:
             if not await self._resolve_start():
                 return False
-            if self.spool is not None:  # link what the start position has not passed, adopt an earlier spool
-                await asyncio.to_thread(self.spool.begin, self._start_mark())
+            await self._begin_spool()
             self._watch_directory()
             if self._cur is not None:
                 return True

@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from itertools import repeat
+from operator import add as _add
 
 from pyforward.checkpoint import Position
 
@@ -26,6 +28,18 @@ class LineBatch:
     size: int  # source bytes consumed: newlines and the dropped tails of long lines included
     truncated: list[tuple[int, int]]  # (index into lines, original length) of lines cut to max_line_bytes
     caught_up: bool = False  # the batch ended at the end of the live file: the next read_batch would return None
+    source: str = ""  # the file's source id (Source.source_id: pyforward.source on the wire, issue 22)
+    unterminated: bool = False  # the last line is the unterminated end of a complete file (no newline counted)
+
+    def lengths(self) -> list[int]:
+        """The source bytes of each line, newline included: a cut line counts its whole original length, an
+        unterminated last line what it had (pyforward.lengths on the wire, issue 22). They end at `end.offset`."""
+        lengths = list(map(_add, map(len, self.lines), repeat(1)))  # len + 1 each, without Python code per line
+        for index, original in self.truncated:
+            lengths[index] = original + 1
+        if self.unterminated:
+            lengths[-1] -= 1
+        return lengths
 
 
 @dataclass
