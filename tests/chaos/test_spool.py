@@ -16,11 +16,15 @@ deleted while nothing runs is the retention's loss, which no spool can prevent.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import signal
+import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -226,27 +230,52 @@ def test_sigkill_while_linking_and_releasing_and_restarts_mid_outage(
     )  # fmt: skip
 
 
-def test_a_spool_on_another_file_system_says_so_once_and_is_off(harness: Harness, figures: Figures) -> None:
-    spool = harness.logdir / ".pyforward-spool"
-    with tiny_tmpfs(spool, "1m"):
+@contextlib.contextmanager
+def read_only(path: Path) -> Iterator[None]:
+    """`path` bind-mounted read-only onto itself: the same file system, not writable (skip where mounting is not
+    allowed)."""
+    path.mkdir(parents=True, exist_ok=True)
+    for argv in (["mount", "--bind", str(path), str(path)], ["mount", "-o", "remount,ro,bind", str(path)]):
+        done = subprocess.run(argv, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+            pytest.skip(f"cannot bind-mount a read-only directory here ({done.stderr.strip() or done.returncode})")
+    try:
+        yield
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True, check=False)
+
+
+@pytest.mark.parametrize("where", ["another file system", "read-only"])
+def test_a_spool_that_cannot_work_says_so_once_and_is_off(harness: Harness, figures: Figures, where: str) -> None:
+    """A tmpfs mounted at the spool's directory (EXDEV), or the spool in a read-only directory of the log's file system
+    (EROFS): one WARNING naming the reason and the setting, the spool off, every event shipped as without it."""
+    if where == "read-only":
+        spool, mounted, errno_name = harness.root / "ro" / "spool", read_only(harness.root / "ro"), "EROFS"
+    else:
+        spool = harness.logdir / ".pyforward-spool"
+        mounted, errno_name = tiny_tmpfs(spool, "1m"), "EXDEV"
+    with mounted:
         receiver = harness.receiver("plain")
         writer = harness.audit_log(max_bytes=FILE)  # (no retention: without the spool it would lose the backups)
         bind = f"127.0.0.1:{free_port()}"
-        run = harness.run(env_for(harness, receiver, settings=SPOOL_SETTINGS, metrics_bind=bind))
+        run = harness.run(env_for(harness, receiver, settings=SPOOL_SETTINGS, metrics_bind=bind, spool_dir=spool))
         ids = writer.write(5 * EVENTS_PER_FILE)
         harness.wait_delivered(ids, receiver.received(), run=run)
         warnings = [e["msg"] for e in run.logs() if "cannot be used" in str(e.get("msg"))]
         assert len(warnings) == 1, warnings
-        assert "(EXDEV)" in warnings[0]
+        assert f"({errno_name})" in warnings[0]
         assert "PYFORWARD_SPOOL_DIR" in warnings[0]
         assert try_metrics(bind)["pyforward_spool_active"] == 0
-        assert os.listdir(spool) == []
+        assert not spool.exists() or os.listdir(spool) == []
         assert run.terminate() == 0
     figures.update(
-        scenario="spool directory on another file system (a tmpfs mounted there)",
+        scenario="spool directory "
+        + ("in a read-only directory (a read-only bind mount)" if where == "read-only" else "on another file system "
+           "(a tmpfs mounted there)"),
         group="spool", inputs=1,
-        notes="one WARNING naming EXDEV and PYFORWARD_SPOOL_DIR; pyforward_spool_active 0; nothing linked; every "
-        "event shipped as without the spool",
+        notes=f"one WARNING naming {errno_name} and PYFORWARD_SPOOL_DIR; pyforward_spool_active 0; nothing linked; "
+        "every event shipped as without the spool",
     )  # fmt: skip
 
 
