@@ -259,7 +259,9 @@ def build_dashboard() -> builders.Dashboard:
     )
     dash.with_panel(
         big_number(
-            layout, "Files lost", "Rotated log files deleted before they were read, in the time range.", "short",
+            layout, "Files lost",
+            "Rotated log files deleted (retention) or released (spool guard) before they were read, in the time range.",
+            "short",
             f"sum(increase({sel('pyforward_lost_files_total')}[$__range]))",
             [Threshold(None, green), Threshold(1, red)],
         )
@@ -406,15 +408,54 @@ def build_dashboard() -> builders.Dashboard:
         )
     )
 
+    # --- the spool (issue 21) ---------------------------------------------------------------------------------------
+    dash.with_row(builders.Row("Spool").id(layout.take()))
+    dash.with_panel(
+        graph(
+            layout, "Spool against its budget",
+            "Bytes of rotated files only the spool keeps (the API server's retention deleted its names), against "
+            "PYFORWARD_SPOOL_MAX_BYTES; beyond it the oldest unread is released (lost). Alert at 80 %.",
+            "bytes",
+            [
+                (sel("pyforward_spool_bytes"), "kept only by the spool " + LEGEND),
+                (sel("pyforward_spool_linked_bytes"), "linked " + LEGEND),
+                (sel("pyforward_spool_budget_bytes"), "budget " + LEGEND),
+            ],
+            width=8,
+        )
+    )
+    dash.with_panel(
+        graph(
+            layout, "Spool files and active",
+            "Backups the spool holds a link to; active 0: the spool is off (the WARNING at start says why).",
+            "short",
+            [(sel("pyforward_spool_files"), "files " + LEGEND), (sel("pyforward_spool_active"), "active " + LEGEND)],
+            width=8,
+        )
+    )
+    dash.with_panel(
+        graph(
+            layout, "Free space of the log volume",
+            "Free bytes of the log's file system and the floor below which the spool releases files.",
+            "bytes",
+            [
+                (sel("pyforward_spool_free_bytes"), "free " + LEGEND),
+                (sel("pyforward_spool_min_free_bytes"), "floor " + LEGEND),
+            ],
+            width=8,
+        )
+    )
+
     # --- losses --------------------------------------------------------------------------------------------------
     dash.with_row(builders.Row("Losses and input problems").id(layout.take()))
     dash.with_panel(
         graph(
             layout, "Files lost",
-            "Rotated files deleted before they were read; checkpoints whose file was gone; unreadable files.",
+            "Rotated files gone before they were read, by reason (retention: deleted by the API server; spool_budget: "
+            "released by the spool's guard); checkpoints whose file was gone; unreadable files.",
             "short",
             [
-                (increase("pyforward_lost_files_total"), "deleted unread " + LEGEND),
+                (increase("pyforward_lost_files_total"), "{{reason}} " + LEGEND),
                 (increase("pyforward_checkpoint_misses_total"), "checkpoint file gone " + LEGEND),
                 (increase("pyforward_unreadable_files_total"), "unreadable " + LEGEND),
             ],
@@ -424,10 +465,11 @@ def build_dashboard() -> builders.Dashboard:
     dash.with_panel(
         graph(
             layout, "Bytes lost",
-            "Unread bytes of deleted rotated files; bytes never read because the live log was truncated in place.",
+            "Unread bytes of rotated files gone, by reason; bytes never read because the live log was truncated in "
+            "place.",
             "bytes",
             [
-                (increase("pyforward_lost_bytes_total"), "deleted unread " + LEGEND),
+                (increase("pyforward_lost_bytes_total"), "{{reason}} " + LEGEND),
                 (increase("pyforward_truncation_lost_bytes_total"), "truncated " + LEGEND),
             ],
             bars=True,

@@ -314,6 +314,7 @@ async def run_check(settings: Settings, *, probe: bool, out: TextIO = sys.stdout
     report = Report(out)
     started = time.monotonic()
     out.write("pyforward check\n")
+    await _spool(settings, report)
     host, port = settings.host, settings.port
     if settings.discovery_enabled:
         t0 = time.monotonic()
@@ -405,6 +406,37 @@ async def run_check(settings: Settings, *, probe: bool, out: TextIO = sys.stdout
         writer.close()
     out.write(f"all steps passed in {(time.monotonic() - started) * 1000:.0f} ms\n")
     return 0
+
+
+async def _spool(settings: Settings, report: Report) -> None:
+    """The spool's state and the free space beside the log (issue 21). Informative: a spool that is off is not a
+    failure of the path to the receiver (`run` goes on without it, as before it existed)."""
+    from pyforward.tail import scan
+    from pyforward.tail.spool import Spool
+
+    t0 = time.monotonic()
+    spool = Spool(
+        settings.log_path, settings.effective_spool_dir, max_bytes=settings.spool_max_bytes,
+        min_free=settings.spool_min_free,
+    )  # fmt: skip
+
+    def look() -> None:
+        spool.start()  # (as `run` does: makes the directory and tries a hard link there)
+        spool.take(scan.list_siblings(settings.log_path, spool.directory))
+
+    await asyncio.to_thread(look)
+    status = await asyncio.to_thread(spool.status)
+    if not status.active:
+        report.skip("spool", f"off: {status.reason}")
+    elif status.free is None:
+        report.skip("spool", f"{settings.log_path.parent} does not exist here: cannot look at the spool")
+    else:
+        report.ok(
+            "spool",
+            time.monotonic() - t0,
+            f"{status.directory}: {status.files} files, {status.bytes} bytes kept only by the spool of "
+            f"{status.budget} (PYFORWARD_SPOOL_MAX_BYTES); {status.free} bytes free, floor {status.floor}",
+        )
 
 
 def _describe_material(receiver: TLSMaterial | None, proxy: TLSMaterial | None) -> str:

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
@@ -33,6 +33,9 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from pyforward import __version__
+
+if TYPE_CHECKING:
+    from pyforward.tail.spool import Spool, SpoolStatus
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,9 @@ ACK_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 
 PARSE_ERROR_KINDS = ("json", "not_object", "invalid_utf8", "bad_time")
 CHECKPOINT_RESULTS = ("ok", "error")
 CERT_KINDS = ("receiver", "proxy")
+#: Why files were lost (pyforward_lost_files_total{reason}): the API server's retention deleted them unread (and
+#: checkpointed files gone at start), or the spool's disk guard released them (issue 21). Sum without(reason) for all.
+LOSS_REASONS = ("retention", "spool_budget")
 #: The tasks that are restarted when they fail (pyforward_task_restarts_total{task}); the others end the process
 #: (supervise.py, docs/architecture.md).
 RESTARTED_TASKS = ("discovery", "metrics")
@@ -95,13 +101,16 @@ class Metrics:
         # --- losses (issue 12): created at 0, so that increase() and absent() work from the first scrape ---------
         self.lost_files = counter(
             "lost_files",
-            "Rotated log files that disappeared before they were read to their end (the API server's retention ran "
-            "out while shipping was behind), and checkpointed files gone at start. Each is logged at ERROR.",
+            "Rotated log files that disappeared before they were read to their end, by reason: retention (the API "
+            "server's retention ran out while shipping was behind, and checkpointed files gone at start), "
+            "spool_budget (the spool's disk guard released them). Each is logged at ERROR.",
+            ("reason",),
         )
         self.lost_bytes = counter(
             "lost_bytes",
-            "Bytes of those files that were not read, at the size last seen (compressed bytes for a .gz; files "
-            "created and deleted between two looks are not seen): a lower bound.",
+            "Bytes of those files that were not read, by reason, at the size last seen (compressed bytes for a .gz; "
+            "files created and deleted between two looks are not seen): a lower bound.",
+            ("reason",),
         )
         self.checkpoint_misses = counter(
             "checkpoint_misses", "Starts where the file named by the checkpoint was gone (its unread lines lost)."
@@ -149,6 +158,26 @@ class Metrics:
             "While there is a backlog (unread bytes beyond what is in flight): seconds since the last ack; 0 when "
             "caught up.",
         )
+        # --- the spool (issue 21): hard links keeping unshipped backups from the API server's retention ------------
+        self.spool_active = gauge(
+            "spool_active", "1 while the spool links new backups; 0 when it is off (why: the WARNING at start)."
+        )
+        self.spool_files = gauge("spool_files", "Backups the spool holds a link to.")
+        self.spool_bytes = gauge(
+            "spool_bytes",
+            "Bytes of the spooled backups whose only name left is the spool's (the API server's retention deleted "
+            "its own): what the spool costs the disk, limited by spool_max_bytes.",
+        )
+        self.spool_linked_bytes = gauge(
+            "spool_linked_bytes", "Bytes of every spooled backup, those the API server still keeps included."
+        )
+        self.spool_budget_bytes = gauge(
+            "spool_budget_bytes", "spool_max_bytes: beyond it files only the spool keeps are released (lost)."
+        )
+        self.spool_free_bytes = gauge("spool_free_bytes", "Free bytes of the spool's (the log's) file system.")
+        self.spool_min_free_bytes = gauge(
+            "spool_min_free_bytes", "The free-space floor: below it the spool releases files (lost)."
+        )
         self.inflight_bytes = gauge("inflight_bytes", "Source bytes read but not yet acked (bounded in memory).")
         self.connected = gauge("connected", "1 while a connection to the receiver is up (handshake done), else 0.")
         self.certificate_expiry_seconds = gauge(
@@ -176,8 +205,36 @@ class Metrics:
             self.checkpoint_writes.labels(result=result)
         for task in RESTARTED_TASKS:
             self.task_restarts.labels(task=task)
+        for reason in LOSS_REASONS:
+            self.lost_files.labels(reason=reason)
+            self.lost_bytes.labels(reason=reason)
+        self._losses_shown: dict[tuple[bool, str], int] = {}  # (files?, reason) -> count shown (show_losses)
         # python: the interpreter's version (3.12.1); the image's and a pip install's differ (issue 24).
         self.build_info.labels(version=__version__, python=platform.python_version()).set(1)
+
+    def show_losses(self, lost_files: int, lost_bytes: int, spool: Spool | None) -> None:
+        """Bring pyforward_lost_{files,bytes}_total up to the tailer's counts (retention) and the spool's
+        (spool_budget): plain counters of theirs, whole since the start."""
+        for counter, reason, current in (
+            (self.lost_files, "retention", lost_files),
+            (self.lost_bytes, "retention", lost_bytes),
+            (self.lost_files, "spool_budget", spool.released_files if spool else 0),
+            (self.lost_bytes, "spool_budget", spool.released_bytes if spool else 0),
+        ):
+            key = (counter is self.lost_files, reason)
+            grown = current - self._losses_shown.get(key, 0)
+            if grown > 0:
+                counter.labels(reason=reason).inc(grown)
+                self._losses_shown[key] = current
+
+    def show_spool(self, status: SpoolStatus) -> None:
+        self.spool_active.set(1 if status.active else 0)
+        self.spool_files.set(status.files)
+        self.spool_bytes.set(status.bytes)
+        self.spool_linked_bytes.set(status.linked_bytes)
+        self.spool_budget_bytes.set(status.budget)
+        self.spool_free_bytes.set(status.free or 0)
+        self.spool_min_free_bytes.set(status.floor or 0)
 
 
 @dataclass

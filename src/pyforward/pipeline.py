@@ -187,6 +187,8 @@ class Pipeline:
 
     def _checkpointed(self, position: Position) -> None:
         """A checkpoint write settled: free the budget of the chunks it covers (those acked before it)."""
+        if self._tailer is not None and self.checkpoint.last_written is position:  # written: the spool may let go
+            self._tailer.saved(position)
         covered = None
         while self._marks and covered is None:
             mark, below = self._marks.popleft()
@@ -460,14 +462,17 @@ class Pipeline:
         for name, current in (
             ("rotations", self.tailer_stats.rotations),
             ("truncation_lost_bytes", self.tailer_stats.truncation_bytes_lost),
-            ("lost_files", self.tailer_stats.lost_files),
-            ("lost_bytes", self.tailer_stats.lost_bytes),
             ("checkpoint_misses", self.tailer_stats.checkpoint_misses),
             ("unreadable_files", self.tailer_stats.unreadable_files),
         ):
             grown = self._delta(name, current)
             if grown > 0:
                 getattr(self.metrics, name).inc(grown)
+        spool = self._tailer.spool if self._tailer is not None else None
+        self.metrics.show_losses(self.tailer_stats.lost_files, self.tailer_stats.lost_bytes, spool)
+        if spool is not None:
+            with contextlib.suppress(OSError):
+                self.metrics.show_spool(await asyncio.to_thread(spool.status))
 
     # --- run -----------------------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event, start: Position | None) -> int:
@@ -483,6 +488,9 @@ class Pipeline:
             max_line_bytes=settings.max_line_bytes,
             poll_interval=settings.poll_interval,
             stats=self.tailer_stats,
+            spool_dir=settings.effective_spool_dir,
+            spool_max_bytes=settings.spool_max_bytes,
+            spool_min_free=settings.spool_min_free,
         )
         self._tailer = tailer
         await tailer.open()

@@ -116,6 +116,28 @@ class Settings(BaseSettings):
         description="Seconds between polls when inotify is not available.",
         json_schema_extra=_group("input"),
     )
+    spool_dir: OptPath = Field(
+        None,
+        description="Where hard links keep rotated backups alive until a checkpoint has passed them, so that the API "
+        "server's log retention cannot delete them unshipped (no byte is copied). Must be on the log's file system. "
+        "Default: .pyforward-spool beside the log.",
+        json_schema_extra=_group("input"),
+    )
+    spool_max_bytes: Annotated[int, BeforeValidator(parse_bytes), Field(ge=0)] = Field(
+        1 << 30,
+        description="Bytes the spool may keep alone (backups the API server's retention has deleted): beyond it the "
+        "oldest unread is released, a loss logged and counted (pyforward_lost_files_total, reason spool_budget). 0 "
+        "turns the spool off. Keep it below the volume's room (emptyDir sizeLimit) minus what the API server keeps.",
+        json_schema_extra=_group("input"),
+    )
+    spool_min_free: Annotated[int | None, BeforeValidator(parse_bytes), BeforeValidator(_empty_to_none)] = Field(
+        None,
+        ge=0,
+        description="Free space the spool leaves on the log's file system: below it, files only the spool keeps are "
+        "released, the oldest unread first (the API server must never lack room for its log). Default: the larger "
+        "of 10 % of the file system and twice the largest backup seen.",
+        json_schema_extra=_group("input"),
+    )
 
     # --- records and chunks --------------------------------------------------------------------------------
     tag: str = Field(
@@ -408,6 +430,12 @@ class Settings(BaseSettings):
         if self.checkpoint_path is not None:
             return self.checkpoint_path
         return self.log_path.parent / f".{self.log_path.name}.pyforward-checkpoint"
+
+    @property
+    def effective_spool_dir(self) -> Path:
+        if self.spool_dir is not None:
+            return self.spool_dir
+        return self.log_path.parent / ".pyforward-spool"
 
     @property
     def discovery_enabled(self) -> bool:

@@ -25,6 +25,7 @@ GROUPS = {
     "bad input": "Bad input at the tailer",
     "hostile peers": "Hostile peers",
     "security": "Security defaults",
+    "spool": "The spool: outlasting the API server's log retention (issue 21)",
 }
 
 INTRO = """\

@@ -30,15 +30,16 @@ pytestmark = pytest.mark.chaos
 
 
 @contextlib.contextmanager
-def tiny_tmpfs(path: Path) -> Iterator[None]:
-    """A 64 KiB tmpfs at ``path`` (skip when this sandbox does not allow mounting)."""
+def tiny_tmpfs(path: Path, size: str = "64k") -> Iterator[None]:
+    """A tmpfs of `size` (64 KiB) at ``path``: a full or small file system, or another one (skip when this sandbox
+    does not allow mounting)."""
     path.mkdir(parents=True, exist_ok=True)
     if shutil.which("mount") is None:
-        pytest.skip("no mount(8) here: cannot make a full file system")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
+        pytest.skip("no mount(8) here: cannot make a file system")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
                           capture_output=True, text=True, check=False)  # fmt: skip
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for a full disk ({done.stderr.strip() or done.returncode})")
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode})")
     try:
         yield
     finally:

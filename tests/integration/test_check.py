@@ -130,11 +130,11 @@ def check(env: dict[str, str], *args: str) -> Checked:
 @pytest.mark.parametrize(
     ("shape", "expected"),
     [
-        ("direct", ["certificates", "proxy", "connect", "tls", "handshake", "probe"]),
-        ("konnectivity", ["certificates", "proxy-connect", "connect-request", "tls", "handshake", "probe"]),
+        ("direct", ["spool", "certificates", "proxy", "connect", "tls", "handshake", "probe"]),
+        ("konnectivity", ["spool", "certificates", "proxy-connect", "connect-request", "tls", "handshake", "probe"]),
         (
             "reversed-vpn",
-            ["certificates", "proxy-connect", "proxy-tls", "connect-request", "tls", "handshake", "probe"],
+            ["spool", "certificates", "proxy-connect", "proxy-tls", "connect-request", "tls", "handshake", "probe"],
         ),
     ],
 )
@@ -148,12 +148,26 @@ def test_a_working_path_lists_every_step_and_exits_0(world: World, shape: str, e
     assert re.search(r"^all steps passed in \d+ ms$", result.out, re.MULTILINE), result.out
     assert "shared key accepted by " in result.line("ok    handshake")
     assert "O=pyforward test receiver CA" in result.line("ok    tls")  # the chain the receiver presented
+    spool = result.line("ok    spool")  # issue 21: its state and the free space beside the log
+    assert re.search(r"\.pyforward-spool: 0 files, 0 bytes kept only by the spool of 1073741824 .* free, floor", spool)
     if shape == "reversed-vpn":
         assert "O=pyforward test proxy CA" in result.line("ok    proxy-tls")
     # Through the proxy when one is configured, and the probe event really arrived.
     assert len(world.tiny.requests()) == asked_before + (shape != "direct")
     probes = [r for r in world.receiver.received().records() if r.get("message") == "pyforward check probe"]
     assert probes, "the probe event is not in the receiver's output"
+
+
+def test_a_spool_that_cannot_work_is_reported_and_is_no_failure(world: World, tmp_path: Path) -> None:
+    """Issue 21: `check` says why the spool is off (here: its directory is a file), and the walk goes on."""
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    result = check(world.env(spool_dir=str(blocked)))
+    assert result.code == 0, result.out
+    assert result.steps[0] == ("--", "spool"), result.out
+    assert "off: Not a directory (ENOTDIR)" in result.line("--    spool")
+    off = check(world.env(spool_max_bytes="0"))
+    assert "off: turned off (spool_max_bytes is 0)" in off.line("--    spool")
 
 
 # ------------------------------------------------------------------------------------------------ broken settings

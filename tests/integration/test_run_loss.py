@@ -34,6 +34,7 @@ def test_unread_backup_deleted_while_the_receiver_is_down_is_reported_and_counte
         chunk_max_bytes=16 << 10,
         max_line_bytes=16 << 10,
         flush_interval=0.05,
+        spool_max_bytes=0,  # the spool (issue 21) would keep the deleted file: this is the loss without it
     )
     run = harness.run(env)
 
@@ -42,8 +43,10 @@ def test_unread_backup_deleted_while_the_receiver_is_down_is_reported_and_counte
         return values if values.get("pyforward_log_files") == len(backups) + 1 else None
 
     values = run.wait_until(looked, 30, what="pyforward_log_files to count every file")
-    assert values["pyforward_lost_files_total"] == 0  # created at 0
-    assert values["pyforward_lost_bytes_total"] == 0
+    for reason in ("retention", "spool_budget"):  # created at 0
+        assert values[f'pyforward_lost_files_total{{reason="{reason}"}}'] == 0
+        assert values[f'pyforward_lost_bytes_total{{reason="{reason}"}}'] == 0
+    assert values["pyforward_spool_active"] == 0
     assert values["pyforward_checkpoint_misses_total"] == 0
     assert values["pyforward_unreadable_files_total"] == 0
     assert values['pyforward_task_restarts_total{task="discovery"}'] == 0
@@ -60,10 +63,10 @@ def test_unread_backup_deleted_while_the_receiver_is_down_is_reported_and_counte
 
     def counted() -> dict[str, float] | None:
         values = try_metrics(bind)
-        return values if values.get("pyforward_lost_files_total") == 1 else None
+        return values if values.get('pyforward_lost_files_total{reason="retention"}') == 1 else None
 
     values = run.wait_until(counted, 30, what="pyforward_lost_files_total to count the file")
-    assert values["pyforward_lost_bytes_total"] == size
+    assert values['pyforward_lost_bytes_total{reason="retention"}'] == size
     assert values["pyforward_log_files"] == len(backups)
     [entry] = [e for e in run.logs() if "was deleted before it was read" in str(e.get("msg"))]
     assert entry["lost_bytes"] == size

@@ -51,6 +51,7 @@ def test_alerts_follow_a_real_outage_and_a_real_loss(harness: Harness, prometheu
         chunk_max_bytes=8 << 10,
         max_line_bytes=16 << 10,
         max_inflight_bytes=32 << 10,
+        spool_max_bytes=0,  # the spool would keep the deleted file (issue 21): this test needs a real loss
     )
     run = harness.run(env)
     prom = prometheus([bind])
@@ -86,9 +87,11 @@ def test_alerts_follow_a_real_outage_and_a_real_loss(harness: Harness, prometheu
     victim.unlink()
 
     prom.wait_until(
-        lambda: prom.value(f"pyforward_lost_files_total{{{target}}}") == 1, what="Prometheus to see 1 file lost"
+        lambda: prom.value(f'pyforward_lost_files_total{{{target},reason="retention"}}') == 1,
+        what="Prometheus to see 1 file lost",
     )
-    assert prom.value(f"pyforward_lost_bytes_total{{{target}}}") == len(data)
+    assert prom.value(f'pyforward_lost_bytes_total{{{target},reason="retention"}}') == len(data)
+    assert prom.value(f'pyforward_lost_files_total{{{target},reason="spool_budget"}}') == 0
     lost = prom.wait_alert("PyforwardEventsLost", "firing")
     assert lost["labels"]["severity"] == "critical"
     assert f"1 files and {len(data) / 1024:.4g}kiB since the process started" in lost["annotations"]["description"]

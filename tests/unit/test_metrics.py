@@ -76,8 +76,6 @@ COUNTERS = (
     "truncation_lost_bytes",
     "destination_changes",
     "rotations",
-    "lost_files",
-    "lost_bytes",
     "checkpoint_misses",
     "unreadable_files",
 )
@@ -88,6 +86,8 @@ def test_scrape_names_and_values(metrics: Metrics, server: Server) -> None:
         getattr(metrics, name).inc(i)
     metrics.parse_errors.labels(kind="json").inc(3)
     metrics.checkpoint_writes.labels(result="ok").inc(7)
+    metrics.lost_files.labels(reason="spool_budget").inc(2)
+    metrics.lost_bytes.labels(reason="spool_budget").inc(4096)
     metrics.ack_latency.observe(0.002)
     metrics.ack_latency.observe(45.0)
     metrics.backlog_bytes.set(12345)
@@ -105,6 +105,8 @@ def test_scrape_names_and_values(metrics: Metrics, server: Server) -> None:
         assert values[(f"pyforward_{name}_total", ())] == i, name
     assert values[("pyforward_parse_errors_total", (("kind", "json"),))] == 3
     assert values[("pyforward_checkpoint_writes_total", (("result", "ok"),))] == 7
+    assert values[("pyforward_lost_files_total", (("reason", "spool_budget"),))] == 2
+    assert values[("pyforward_lost_bytes_total", (("reason", "spool_budget"),))] == 4096
     assert values[("pyforward_ack_latency_seconds_count", ())] == 2
     assert values[("pyforward_ack_latency_seconds_bucket", (("le", "0.0025"),))] == 1
     assert values[("pyforward_ack_latency_seconds_bucket", (("le", "60.0"),))] == 2
@@ -124,7 +126,10 @@ def test_known_labels_start_at_zero_and_expiry_stays_unset(metrics: Metrics, ser
     for result in ("ok", "error"):
         assert values[("pyforward_checkpoint_writes_total", (("result", result),))] == 0
     # The loss counters and the restart counter of each restartable task: the monitoring's alerts use these names.
-    for name in ("lost_files", "lost_bytes", "checkpoint_misses", "unreadable_files"):
+    for name in ("lost_files", "lost_bytes"):  # by reason (issue 21)
+        for reason in ("retention", "spool_budget"):
+            assert values[(f"pyforward_{name}_total", (("reason", reason),))] == 0, (name, reason)
+    for name in ("checkpoint_misses", "unreadable_files"):
         assert values[(f"pyforward_{name}_total", ())] == 0, name
     for task in ("discovery", "metrics"):
         assert values[("pyforward_task_restarts_total", (("task", task),))] == 0, task

@@ -37,8 +37,8 @@ def after_listing(monkeypatch: pytest.MonkeyPatch, action: Callable[[], object],
     real = scan.list_siblings
     calls = [0]
 
-    def listing(path: Path) -> list[scan.Sibling]:
-        result = real(path)
+    def listing(path: Path, spool: Path | None = None) -> list[scan.Sibling]:
+        result = real(path, spool)
         calls[0] += 1
         if calls[0] == call:
             action()

@@ -20,13 +20,16 @@ deleted), create a new `audit.log`, delete backups beyond a count. Hence:
 
 * A backup deleted (by lumberjack's retention) before it was read is a loss: logged once at ERROR with its size
   and counted (issue 12); so is a checkpointed file gone at start, but only once a look that lumberjack's
-  concurrent renames, gzips and deletes cannot fool says so.
+  concurrent renames, gzips and deletes cannot fool says so. The spool (issue 21) gives every backup not yet
+  passed by a written checkpoint a second name, so that the retention deletes only its own.
 
-Split by concern, as fluent-bit's in_tail is: `scan` (lumberjack names, listing rotated siblings), `file`
-(one open file, its identity, reading plain and gzip), `lines` (buffers into lines), `watch` (inotify and
-polling), `ledger` (which backups exist, which were lost), `start` (where reading starts: the checkpointed file or
-start_at), `rotate` (the file being read rotated away or truncated), `tailer` (the Tailer that composes them),
-`types` (what they share, below all of them: LineBatch, TailerStats, Problems).
+Split by concern, as fluent-bit's in_tail is: `scan` (lumberjack names, listing rotated siblings), `file` (one open
+file, its identity, reading plain and gzip), `lines` (buffers into lines), `watch` (inotify and polling), `ledger`
+(which backups exist, which were lost), `spool` (hard links that keep unshipped backups from the API server's
+retention, under a disk guard: issue 21) and `spooled` (the Tailer's side of it), `looks` (a listing when a backup
+name changes), `start` (where reading starts: the checkpointed file or start_at), `rotate` (the file being read
+rotated away or truncated), `tailer` (the Tailer that composes them), `types` (what they share, below all of them:
+LineBatch, TailerStats, Problems).
 """
 
 from pyforward.tail.tailer import LineBatch, Tailer, TailerStats

@@ -89,6 +89,12 @@ class Ledger:
             if sibling.ts not in self.known and sibling.ts not in self._reported:
                 self._unseen[sibling.ts] = (sibling, self._seq)
 
+    def released(self, ts: str) -> None:
+        """The spool's guard let the backup of `ts` go and reported it (issue 21): its disappearance is not reported
+        again as the retention's."""
+        self._reported.add(ts)
+        self._pending.pop(ts, None)
+
     def current_ts(self, src: Source) -> str | None:
         """The backup timestamp of `src` if it is known for certain (it was the live file, now rotated)."""
         return self._cur_ts if src is self._cur else None

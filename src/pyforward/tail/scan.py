@@ -36,19 +36,27 @@ def sibling_pattern(name: str) -> re.Pattern[str]:
 
 @dataclass(frozen=True, slots=True)
 class Sibling:
-    path: Path
+    """One rotated backup (one timestamp), under the name to read it by."""
+
+    path: Path  # a plain name wins over a .gz; between two plain names (log directory, spool), the log directory's
     ts: str
     gz: bool
+    # Every name this backup had in the listing, `path` included (the .gz beside the plain file, the spool's link);
+    # empty when the Sibling was not made by list_siblings (an inotify event names one file).
+    names: tuple[Path, ...] = ()
 
 
-def specs(path: Path) -> list[tuple[Path, re.Pattern[str]]]:
-    """Where backups are: next to the configured path, and next to its target if it is a symlink."""
+def specs(path: Path, spool: Path | None = None) -> list[tuple[Path, re.Pattern[str]]]:
+    """Where backups are: next to the configured path, next to its target if it is a symlink, and in the spool
+    (tail/spool.py: hard links under lumberjack's own names, issue 21), which is last."""
     specs = [(path.parent, sibling_pattern(path.name))]
     real = Path(os.path.realpath(path))
     if real.parent != Path(os.path.realpath(path.parent)):
         specs.append((real.parent, sibling_pattern(real.name)))
     elif real.name != path.name:
         specs.append((path.parent, sibling_pattern(real.name)))
+    if spool is not None:
+        specs.extend((spool, pattern) for _, pattern in list(specs))
     return specs
 
 
@@ -74,11 +82,11 @@ class DirectoryState:
         return self.newest_mtime_ns >= listed_at_ns - 100_000_000
 
 
-def directory_state(path: Path) -> DirectoryState:
-    """Blocking: one stat per directory in specs(path)."""
+def directory_state(path: Path, spool: Path | None = None) -> DirectoryState:
+    """Blocking: one stat per directory in specs(path, spool)."""
     parts: list[object] = []
     newest = 0
-    for directory, _ in specs(path):
+    for directory in dict.fromkeys(directory for directory, _ in specs(path, spool)):
         try:
             st = os.stat(directory)
         except OSError as e:
@@ -89,22 +97,34 @@ def directory_state(path: Path) -> DirectoryState:
     return DirectoryState(tuple(parts), newest)
 
 
-def list_siblings(path: Path) -> list[Sibling]:
-    """Rotated backups, oldest first; a plain file wins over a .gz of the same time (lumberjack removes
-    the plain file only once the .gz is complete). Blocking."""
+def list_siblings(path: Path, spool: Path | None = None) -> list[Sibling]:
+    """Rotated backups, oldest first, one per timestamp; a plain file wins over a .gz of the same time (lumberjack
+    removes the plain file only once the .gz is complete). The spool's links are merged in by timestamp: a backup
+    whose name lumberjack deleted is read from the spool, in its place (issue 21). Blocking."""
     found: dict[tuple[str, str], Sibling] = {}
-    for directory, pattern in specs(path):
-        try:
-            entries = list(os.scandir(directory))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
+    by_ts: dict[str, tuple[str, str]] = {}  # timestamp -> its key in `found` (the spool merges by timestamp)
+    spool_dir = os.path.realpath(spool) if spool is not None else None
+    listed: dict[str, list[os.DirEntry[str]]] = {}
+    for directory, pattern in specs(path, spool):
         real_dir = os.path.realpath(directory)
+        entries = listed.get(real_dir)
+        if entries is None:
+            try:
+                entries = listed[real_dir] = list(os.scandir(directory))
+            except (FileNotFoundError, NotADirectoryError):
+                entries = listed[real_dir] = []
         for entry in entries:
             m = pattern.fullmatch(entry.name)
             if m is None:
                 continue
-            key = (real_dir, m["ts"])
-            sibling = Sibling(Path(entry.path), m["ts"], m["gz"] is not None)
-            if key not in found or found[key].gz:
-                found[key] = sibling
+            ts, gz, name = m["ts"], m["gz"] is not None, Path(entry.path)
+            key = by_ts.get(ts, (real_dir, ts)) if real_dir == spool_dir else (real_dir, ts)
+            by_ts.setdefault(ts, key)
+            seen = found.get(key)
+            if seen is None:
+                found[key] = Sibling(name, ts, gz, (name,))
+            elif name not in seen.names:
+                names = (*seen.names, name)
+                wins = seen.gz and not gz
+                found[key] = Sibling(name, ts, gz, names) if wins else Sibling(seen.path, ts, seen.gz, names)
     return sorted(found.values(), key=lambda s: (s.ts, str(s.path)))

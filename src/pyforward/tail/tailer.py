@@ -30,8 +30,10 @@ from pyforward.tail.file import (
 )
 from pyforward.tail.ledger import Ledger, View
 from pyforward.tail.lines import LineAssembler
+from pyforward.tail.looks import DirectoryLooks
 from pyforward.tail.rotate import RotationDetection
 from pyforward.tail.scan import DirectoryState, Sibling
+from pyforward.tail.spooled import SpoolSide
 from pyforward.tail.start import StartResolution
 from pyforward.tail.types import LineBatch, Problems, TailerStats
 from pyforward.tail.watch import DirectoryEvents, Watcher
@@ -62,7 +64,7 @@ class _Batch:
     unterminated: bool = False
 
 
-class Tailer(StartResolution, RotationDetection):
+class Tailer(StartResolution, RotationDetection, DirectoryLooks, SpoolSide):
     """Lines of `path` and of its rotated backups, from `start` on, in order, each once.
 
     One consumer: do not call read_batch/wait concurrently.
@@ -79,6 +81,9 @@ class Tailer(StartResolution, RotationDetection):
         poll_interval: float = 0.25,
         use_inotify: bool = True,
         stats: TailerStats | None = None,
+        spool_dir: Path | None = None,
+        spool_max_bytes: int = 1 << 30,
+        spool_min_free: int | None = None,
     ) -> None:
         if start_at not in ("head", "tail"):
             raise ValueError(f"start_at must be 'head' or 'tail', not {start_at!r}")
@@ -115,6 +120,7 @@ class Tailer(StartResolution, RotationDetection):
         self._watcher = Watcher(
             self._path, poll_interval=poll_interval, use_inotify=use_inotify, current=lambda: self._cur
         )
+        self._init_spool(self._path, spool_dir, spool_max_bytes, spool_min_free)  # (tail/spooled.py, issue 21)
 
     # -- public API ---------------------------------------------------------------------------------------
 
@@ -128,6 +134,7 @@ class Tailer(StartResolution, RotationDetection):
     async def open(self) -> None:
         """Find where to start (see the module doc). If nothing is there yet, read_batch retries."""
         self._check_open()
+        await self._start_spool()
         try:
             await self._advance()
         except OSError as e:
@@ -140,6 +147,7 @@ class Tailer(StartResolution, RotationDetection):
         # Lines already cut when a caller cancels us (at any await below) are past our line boundary: keep
         # them for the next call, else they would never be shipped.
         batch, self._unfinished = self._unfinished or _Batch(), None
+        self._filling = True
         try:
             await self._watcher.mark()
             await self._fill(batch, max_bytes)
@@ -152,6 +160,8 @@ class Tailer(StartResolution, RotationDetection):
         else:
             if "io" in self._problems:  # (the message is built only then: this runs for every batch)
                 self._problems.clear("io", f"reading {self._path} works again")
+        finally:
+            self._filling = False
         if not batch.lines:
             return None
         assert batch.end is not None
@@ -201,7 +211,7 @@ class Tailer(StartResolution, RotationDetection):
         """
         if self._closed:
             return 0, 0, 0
-        state = scan.directory_state(self._path)
+        state = scan.directory_state(self._path, self._spool_dir)
         listed = self._listed
         if listed is None or listed[0].key != state.key or state.racy(listed[1]):
             self._list()
@@ -260,6 +270,12 @@ class Tailer(StartResolution, RotationDetection):
             if src is None:
                 if batch.lines or not await self._advance():
                     return
+                continue
+            if src is self._dropped:  # released by the spool's guard (logged, counted): the lines cut first, then skip
+                if batch.lines:
+                    return
+                self._skip_dropped()
+                batch.start = None
                 continue
             if batch.start is None:
                 batch.start = self._line_off
@@ -392,15 +408,16 @@ class Tailer(StartResolution, RotationDetection):
 
     def _list(self) -> list[Sibling]:
         """The backups (scan.list_siblings), also told to the loss ledger. Blocking: call in a thread."""
-        state = scan.directory_state(self._path)
+        state = scan.directory_state(self._path, self._spool_dir)
         began = time.time_ns()
         with self._lock:
             seq = self._ledger.begin()
-        siblings = scan.list_siblings(self._path)
+        siblings = scan.list_siblings(self._path, self._spool_dir)
         with self._lock:
             self._ledger.apply(seq, siblings, self._view())
             if self._listed is None or began >= self._listed[1]:
                 self._listed = (state, began)
+        self._spool_take(siblings)
         return siblings
 
     def _view(self) -> View:
@@ -413,36 +430,6 @@ class Tailer(StartResolution, RotationDetection):
             live=self._path,
             avg_line=stats.bytes / stats.lines if stats.lines else None,
         )
-
-    def _watch_directory(self) -> None:
-        """Look at the directory each time a backup name changes (inotify, names only), not only when the tailer
-        advances: a backup lumberjack deletes unread is then seen, with its size, even while the tailer stays in
-        one file for long (receiver down). Retried at each advance until it works (directory not there yet)."""
-        if self._use_inotify and not self._dir_events.active:
-            self._dir_events.start()
-
-    def _dir_changed(self, appeared: list[Sibling]) -> None:
-        if appeared:
-            with self._lock:
-                self._ledger.appeared(appeared)
-        if self._closed:
-            return
-        if self._look is None or self._look.done():
-            self._look = asyncio.get_running_loop().create_task(self._look_at_directory(), name="tailer-look")
-        else:
-            self._look_again = True  # changed while a look runs: one more after it
-
-    async def _look_at_directory(self) -> None:
-        while True:
-            self._look_again = False
-            try:
-                await asyncio.to_thread(self._list)
-            except OSError:
-                pass  # reading reports I/O problems (rate-limited); the next change looks again
-            except Exception:  # a bug: not silent (issue 12); the next change looks again
-                log.exception("looking at %s for deleted backups failed", self._path.parent)
-            if not self._look_again or self._closed:
-                return
 
     def _lost(self, size: int) -> None:
         self.stats.lost_files += 1
@@ -470,6 +457,7 @@ class Tailer(StartResolution, RotationDetection):
         if not self._started:
             if not await self._resolve_start():
                 return False
+            await self._begin_spool()
             self._watch_directory()
             if self._cur is not None:
                 return True
@@ -587,3 +575,4 @@ class Tailer(StartResolution, RotationDetection):
             else ""
         )
         self._problems.report("io", f"cannot read {what}: {e.strerror or e}{hint}; retrying")
+
