@@ -58,25 +58,22 @@ def test_equal_length_cuts_nothing(output: tuple[Path, int], caplog: pytest.LogC
     assert _warnings(caplog) == []
 
 
-def test_shorter_output_is_not_cut(output: tuple[Path, int], caplog: pytest.LogCaptureFixture) -> None:
-    path, fd = output
-    with caplog.at_level(logging.WARNING):
-        assert cut_output(fd, path, _recorded(path, ACKED, 10**6)) == 0
-    assert path.read_bytes() == LINES + b'{"se'
-    [warning] = _warnings(caplog)
-    assert "is shorter (34 bytes) than the exactly-once state recorded (1000000" in warning
-    assert warning.endswith("nothing cut")
-
-
-def test_another_file_is_not_cut(output: tuple[Path, int], caplog: pytest.LogCaptureFixture) -> None:
-    """A replaced or rotated output: the length recorded was another file's (another inode)."""
+@pytest.mark.parametrize(
+    ("case", "why"),
+    [
+        ("shorter", "is shorter (34 bytes) than the exactly-once state recorded (1000000"),
+        ("another inode", "is not the file the exactly-once state recorded"),  # replaced or rotated
+    ],
+)
+def test_not_cut(output: tuple[Path, int], caplog: pytest.LogCaptureFixture, case: str, why: str) -> None:
     path, fd = output
     st = path.stat()
+    recorded = _recorded(path, ACKED, 10**6) if case == "shorter" else [OutputLength(st.st_dev, st.st_ino + 1, ACKED)]
     with caplog.at_level(logging.WARNING):
-        assert cut_output(fd, path, [OutputLength(st.st_dev, st.st_ino + 1, ACKED)]) == 0
+        assert cut_output(fd, path, recorded) == 0
     assert path.read_bytes() == LINES + b'{"se'
     [warning] = _warnings(caplog)
-    assert "is not the file the exactly-once state recorded" in warning
+    assert why in warning
     assert warning.endswith("nothing cut")
 
 
