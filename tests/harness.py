@@ -180,6 +180,27 @@ class ReceivedIds:
         self._offset += end
         return self.counts
 
+    def recount(self) -> collections.Counter[str]:
+        """Count again from the start: a receiver's start-up may cut its output back (receiver/recovery.py), so
+        the bytes counted so far may be gone or written again."""
+        self.counts.clear()
+        self.other.clear()
+        self.lines = self._offset = 0
+        return self.refresh()
+
+    def torn(self) -> list[bytes]:
+        """Output lines that are not one JSON document each (a torn line joined onto the next one), and the
+        unterminated end of the file, if any (their first 80 bytes)."""
+        data = self.path.read_bytes() if self.path.exists() else b""
+        end = data.rfind(b"\n") + 1
+        broken = [data[end : end + 80]] if end < len(data) else []
+        for line in data[:end].splitlines():
+            try:
+                json.loads(line)
+            except ValueError:
+                broken.append(line[:80])
+        return broken
+
     def records(self) -> list[dict[str, Any]]:
         """Every complete output line, parsed (slow: for small outputs)."""
         data = self.path.read_bytes() if self.path.exists() else b""

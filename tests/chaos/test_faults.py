@@ -203,9 +203,10 @@ def test_receiver_killed_and_restarted_repeatedly(harness: Harness, figures: Fig
             code = receiver.stop(sig)
             assert code in (0, -signal.SIGKILL), f"receiver exit code {code}"
             receiver.start()
+            output.recount()  # (its start may have cut the output back: receiver/recovery.py)
     harness.wait_delivered(writer.ids, output, run=run, timeout=300)
     assert run.terminate() == 0
-    counts = output.refresh()
+    counts = output.recount()
     assert not output.other, f"receiver output has lines without an auditID: {output.other[:3]}"
     per_fault = in_flight(writer.lines)
     bound = kills * per_fault

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pyforward.receiver.dedup import SourceMarks
-from pyforward.receiver.markfile import SLOT_BYTES, MarkFile, MarkFileError, encode_slot
+from pyforward.receiver.markfile import SLOT_BYTES, MarkFile, MarkFileError, OutputLength, encode_slot
 
 A = "2049:11:0123456789abcdef"
 B = "2049:12:fedcba9876543210"
@@ -75,3 +75,31 @@ def test_load_keeps_the_latest_copy_and_forgets_idle_and_excess_sources(tmp_path
     marks = _marks(path, max_sources=10)
     assert marks.tracked == 3
     assert marks._sources[A].written == 300
+
+
+def test_output_lengths_recorded_in_the_header_and_the_slots(tmp_path: Path) -> None:
+    """Version 2: each slot a batch writes carries the output's length, the header a batch's without slots."""
+    path = tmp_path / "marks"
+    file = MarkFile(path)
+    file.load()
+    assert file.outputs == []
+    file.write_output_length(OutputLength(7, 8, 100))
+    file.write([(1, encode_slot(A, 500, 990.0, OutputLength(7, 8, 300))), (2, encode_slot(B, 7, 995.0))])
+    file.close()
+    again = MarkFile(path)
+    saved, _ = again.load()
+    assert again.outputs == [OutputLength(7, 8, 100), OutputLength(7, 8, 300)]
+    assert [(m.source, m.end, m.output) for m in saved] == [(A, 500, OutputLength(7, 8, 300)), (B, 7, None)]
+
+
+def test_version_1_is_read_without_a_length_and_a_later_version_refused(tmp_path: Path) -> None:
+    path = tmp_path / "marks"
+    header = b'{"format":"pyforward-receive-marks","version":1,"slot_bytes":512}'
+    path.write_bytes(header.ljust(SLOT_BYTES - 1) + b"\n" + encode_slot(A, 40, 990.0))
+    file = MarkFile(path)
+    saved, _ = file.load()
+    assert ([m.end for m in saved], file.outputs) == ([40], [])  # nothing recorded: nothing cut but a torn line
+    file.close()
+    path.write_bytes(header.replace(b'"version":1', b'"version":3').ljust(SLOT_BYTES - 1) + b"\n")
+    with pytest.raises(MarkFileError, match="version 3 is not supported"):
+        MarkFile(path).load()

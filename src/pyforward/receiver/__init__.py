@@ -24,10 +24,11 @@ to new connections without a restart (certs.py).
 Exactly once (issue 22): a request from `pyforward run` says which file its records came from and the bytes each
 covers (``pyforward.*`` options); the receiver keeps per source the end of what it has written and acks, without
 writing them, the records that end at or before it (`dedup`), the marks kept across restarts in a file of one sector
-per source (`markfile`).
+per source (`markfile`). Every batch records there the output's length too, and start-up cuts what a killed receiver
+wrote beyond it but never acked (`recovery`).
 
-Modules: `config` (settings, counters), `output` (the writer), `server` (Receiver), `dedup` and `markfile` (exactly
-once), `listen` (sockets, rate-limited log), `metrics` (``--metrics-bind``), `cli` (`pyforward receive`).
+Modules: `config` (settings, counters), `output` (the writer), `server` (Receiver), `dedup`, `markfile` and `recovery`
+(exactly once), `listen` (sockets, rate-limited log), `metrics` (``--metrics-bind``), `cli` (`pyforward receive`).
 """
 
 from __future__ import annotations

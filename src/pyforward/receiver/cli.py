@@ -218,8 +218,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="FILE",
         help="Where the per-source marks are kept across restarts: one 512-byte slot per source, written in place "
-        "after the output and before the ack (default: FILE.pyforward-marks beside --output; in memory only when "
-        "writing to standard output).",
+        "after the output and before the ack, with the output's length, to which start-up cuts what a killed "
+        "receiver wrote but never acked (default: FILE.pyforward-marks beside --output; in memory only when writing "
+        "to standard output; with --no-exactly-once, only an existing one is kept current; without one, only a "
+        "torn last line is cut).",
     )
     once.add_argument(
         "--dedup-max-sources",

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from pyforward.protocol import Request, SourceRanges
 from pyforward.receiver.config import log
-from pyforward.receiver.markfile import MarkFile, SavedMark, encode_slot
+from pyforward.receiver.markfile import MarkFile, OutputLength, SavedMark, encode_slot
 
 __all__ = ["Mark", "SourceMarks"]
 
@@ -58,6 +58,8 @@ class _Source:
 #: (_BEYOND_HOLE: a write that must not move the mark).
 Mark = tuple[_Source, int, int, int]
 _BEYOND_HOLE = -1
+#: A slot to write once the output write succeeded: slot, source, end, seen.
+Planned = tuple[int, str, int, float]
 
 
 class SourceMarks:
@@ -174,7 +176,7 @@ class SourceMarks:
 
     # -- the writer's side (output.py): before the output write, in its thread after it, then on the loop ------
 
-    def plan(self, marks: list[Mark]) -> list[tuple[int, bytes]]:
+    def plan(self, marks: list[Mark]) -> list[Planned]:
         """The slots to write once the output write of `marks` succeeded (on the loop, before it)."""
         if self._file is None:
             return []
@@ -182,17 +184,17 @@ class SourceMarks:
         for src, _, end, generation in marks:
             if generation == src.generation and src.slot:
                 ends[src] = max(end, ends.get(src, src.written))
-        return [(src.slot, encode_slot(src.source, end, src.seen)) for src, end in ends.items()]
+        return [(src.slot, src.source, end, src.seen) for src, end in ends.items()]
 
-    def save(self, slots: list[tuple[int, bytes]], sync: bool) -> None:
-        """Write the slots (in the writer thread, after the output). A failure is logged and counted, not raised:
-        the output is written, so the ack may go; the state on disk is behind, so a restart may duplicate, not lose."""
+    def save(self, slots: list[Planned], output: OutputLength | None) -> bool:
+        """Write the slots, each with the output's length after the batch (in the writer thread, after the output; the
+        writer syncs the file with --sync). False if none was written or one failed: the writer records the length in
+        the header then. A failure is logged and counted, not raised: the output is written, so the ack may go; the
+        state on disk is behind, so a restart may duplicate, not lose."""
         if self._file is None or not slots:
-            return
+            return False
         try:
-            self._file.write(slots)
-            if sync:
-                self._file.sync()
+            self._file.write([(slot, encode_slot(source, end, seen, output)) for slot, source, end, seen in slots])
         except OSError as exc:
             self.save_errors += 1
             log.error(
@@ -202,6 +204,8 @@ class SourceMarks:
                 exc.strerror or exc,
                 len(slots),
             )
+            return False
+        return True
 
     @staticmethod
     def failed(marks: list[Mark]) -> None:

@@ -2,8 +2,11 @@
 
 One file of 512-byte slots, each one sector, written in place as the sender's checkpoint is (checkpoint.CheckpointFile:
 a disk writes a sector whole, so a power loss leaves the old record or the new one, never half of each). Slot 0 is a
-header naming the format; slot i >= 1 holds one source: ``{"source": ..., "end": ..., "seen": ...}`` padded with
-spaces and ended by a newline, or only spaces when free. A write changes only the slots of the sources a batch
+header naming the format; slot i >= 1 holds one source: ``{"source": ..., "end": ..., "seen": ..., "output": ...}``
+padded with spaces and ended by a newline, or only spaces when free. Since version 2, ``"output": {"dev", "ino",
+"length"}`` is the output file and its length after the batch that wrote the slot: every batch records it, in the
+slots it writes or, writing none, in the header (recovery.py: the largest for the output file is cut back to at start,
+and why in the slots). A write changes only the slots of the sources a batch
 advanced: one pwrite each, no rename, no journal commit. One JSON document in one sector cannot hold thousands of
 sources; a slot per source keeps every write one sector.
 
@@ -26,11 +29,16 @@ from pyforward.atomic import fsync_directory, replace_file
 from pyforward.checkpoint import RECORD_BYTES
 from pyforward.receiver.config import log
 
-__all__ = ["SLOT_BYTES", "MarkFile", "MarkFileError", "SavedMark"]
+__all__ = ["SLOT_BYTES", "MarkFile", "MarkFileError", "OutputLength", "SavedMark"]
 
 SLOT_BYTES = RECORD_BYTES  # one sector
 _FORMAT = "pyforward-receive-marks"
-_VERSION = 1
+# Version 2 adds the output's length to the header. Version 1 files are read (no length: nothing cut) and become
+# version 2 at the first batch. An older receiver refuses version 2: it would append without moving the length,
+# and the next start of a newer one would cut what it had acked (a loss); refused, its operator removes the file
+# (duplicates at most).
+_VERSION = 2
+_READABLE = (1, 2)
 
 
 class MarkFileError(OSError):
@@ -40,24 +48,48 @@ class MarkFileError(OSError):
         return str(self.strerror)
 
 
+@dataclass(frozen=True, slots=True)
+class OutputLength:
+    """The output file (device, inode) and its length after the last batch written (recovery.py)."""
+
+    dev: int
+    ino: int
+    length: int
+
+
 @dataclass(slots=True)
 class SavedMark:
     source: str
     end: int
     seen: float  # wall-clock time of the source's last request
     slot: int
+    output: OutputLength | None = None  # the output's length recorded with it (version 2)
 
 
 def _pad(data: bytes) -> bytes:
     return data.ljust(SLOT_BYTES - 1) + b"\n"
 
 
-def encode_slot(source: str, end: int, seen: float) -> bytes:
-    """A slot's bytes (a source id is at most 58 characters: the record is ~120 bytes)."""
-    return _pad(orjson.dumps({"source": source, "end": end, "seen": round(seen, 3)}))
+def encode_slot(source: str, end: int, seen: float, output: OutputLength | None = None) -> bytes:
+    """A slot's bytes (a source id is at most 58 characters: the record is at most ~200 bytes)."""
+    doc: dict[str, object] = {"source": source, "end": end, "seen": round(seen, 3)}
+    if output is not None:
+        doc["output"] = _output_doc(output)
+    return _pad(orjson.dumps(doc))
 
 
-_HEADER = _pad(orjson.dumps({"format": _FORMAT, "version": _VERSION, "slot_bytes": SLOT_BYTES}))
+def _output_doc(output: OutputLength) -> dict[str, int]:
+    return {"dev": output.dev, "ino": output.ino, "length": output.length}
+
+
+def encode_header(output: OutputLength | None) -> bytes:
+    doc: dict[str, object] = {"format": _FORMAT, "version": _VERSION, "slot_bytes": SLOT_BYTES}
+    if output is not None:
+        doc["output"] = _output_doc(output)
+    return _pad(orjson.dumps(doc))
+
+
+_HEADER = encode_header(None)
 
 
 class MarkFile:
@@ -66,6 +98,7 @@ class MarkFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._fd: int | None = None
+        self.outputs: list[OutputLength] = []  # the output lengths recorded (header and slots), by `load`
 
     def load(self) -> tuple[list[SavedMark], list[int]]:
         """The marks saved, and the slots that are free (blank or unreadable). Raises MarkFileError."""
@@ -78,7 +111,8 @@ class MarkFile:
         if not data:
             self._create()
             return [], []
-        self._check_header(data[:SLOT_BYTES])
+        header = _decode_output(self._check_header(data[:SLOT_BYTES]))
+        self.outputs = [header] if header is not None else []
         marks: list[SavedMark] = []
         free: list[int] = []
         bad = 0
@@ -93,6 +127,8 @@ class MarkFile:
                 free.append(slot)
             else:
                 marks.append(mark)
+                if mark.output is not None:
+                    self.outputs.append(mark.output)
         if bad:
             log.warning(
                 "exactly-once state %s: %d unreadable slot(s) skipped; events of those sources sent again are "
@@ -103,7 +139,7 @@ class MarkFile:
         self._open()
         return marks, free
 
-    def _check_header(self, header: bytes) -> None:
+    def _check_header(self, header: bytes) -> dict[str, object]:
         try:
             doc = orjson.loads(header)
         except orjson.JSONDecodeError:
@@ -113,10 +149,11 @@ class MarkFile:
                 errno.EINVAL, f"{self.path} is not a pyforward receive exactly-once state file (remove it or choose "
                 "another --dedup-state)",
             )  # fmt: skip
-        if doc.get("version") != _VERSION or doc.get("slot_bytes") != SLOT_BYTES:
+        if doc.get("version") not in _READABLE or doc.get("slot_bytes") != SLOT_BYTES:
             raise MarkFileError(
                 errno.EINVAL, f"{self.path}: exactly-once state version {doc.get('version')!r} is not supported"
             )
+        return doc
 
     def _create(self) -> None:
         try:
@@ -143,6 +180,10 @@ class MarkFile:
             if os.pwrite(fd, record, slot * SLOT_BYTES) != SLOT_BYTES:
                 raise OSError(errno.EIO, f"short write to {self.path}")
 
+    def write_output_length(self, output: OutputLength) -> None:
+        """Record the output's length in the header (one pwrite: after a batch that wrote no slot). Raises OSError."""
+        self.write([(0, encode_header(output))])
+
     def sync(self) -> None:
         if self._fd is not None:
             os.fdatasync(self._fd)
@@ -152,6 +193,16 @@ class MarkFile:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
+
+
+def _decode_output(header: dict[str, object]) -> OutputLength | None:
+    doc = header.get("output")
+    if not isinstance(doc, dict):
+        return None
+    dev, ino, length = doc.get("dev"), doc.get("ino"), doc.get("length")
+    if type(dev) is int and type(ino) is int and type(length) is int and min(dev, ino, length) >= 0:
+        return OutputLength(dev, ino, length)
+    return None  # (only a hand edit makes one: as if not recorded)
 
 
 def _decode_slot(record: bytes, slot: int) -> SavedMark | None:
@@ -164,4 +215,4 @@ def _decode_slot(record: bytes, slot: int) -> SavedMark | None:
     source, end, seen = doc.get("source"), doc.get("end"), doc.get("seen")
     if type(source) is not str or type(end) is not int or end < 0 or not isinstance(seen, (int, float)):
         return None
-    return SavedMark(source, end, float(seen), slot)
+    return SavedMark(source, end, float(seen), slot, _decode_output(doc))

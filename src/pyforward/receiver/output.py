@@ -20,10 +20,12 @@ from pyforward.protocol import (
     Request,
 )
 from pyforward.receiver.config import OutputFormat, log
+from pyforward.receiver.markfile import MarkFile, OutputLength
+from pyforward.receiver.recovery import cut_output
 from pyforward.records import to_json_line
 
 if TYPE_CHECKING:
-    from pyforward.receiver.dedup import Mark, SourceMarks
+    from pyforward.receiver.dedup import Mark, Planned, SourceMarks
 
 
 class _Writer:
@@ -34,18 +36,22 @@ class _Writer:
     (ENOSPC), the file is cut back to its last complete line, so the client's retry appends to a clean file.
     Standard output is a buffered binary stream: write + flush.
 
-    With `marks` (exactly once, dedup.py), each batch is: the output written, then the state of the sources it
-    advanced (their slots, in the same thread), then the marks moved and the futures resolved (the acks): a crash
-    between the first two may repeat that batch, never lose it. `sync`: fdatasync the output, then the state, per
-    batch (power loss; off by default: docs/protocol.md).
+    With a state file (markfile.py, given to `recover`), each batch is: the output written, then the slots of the
+    sources it advanced (`marks`, exactly once: dedup.py), each with the output's length (none: the header records
+    it), then the marks moved and the futures resolved (the acks); `recover` cuts at start what lies beyond the
+    length (recovery.py: why, and the crash bound). `sync`: fdatasync the output, then the state, per batch (power
+    loss; off by default: docs/protocol.md).
     """
 
     def __init__(self, output: Path | None, marks: SourceMarks | None = None, *, sync: bool = False) -> None:
         self._marks = marks
+        self._state: MarkFile | None = None  # set by `recover`
         self._sync = sync
+        self._path = output
         self._fd: int | None = None
         self._stream: IO[bytes] | None = None
         self._regular = False
+        self._identity = (0, 0)  # the output's (device, inode), recorded with its length
         if output is None:
             self._stream = sys.stdout.buffer
         else:
@@ -53,11 +59,25 @@ class _Writer:
                 self._fd = os.open(output, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as exc:
                 raise OutputError(exc.errno, f"cannot open output {output}: {_reason(exc).lower()}") from None
-            self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
+            st = os.fstat(self._fd)
+            self._regular = stat.S_ISREG(st.st_mode)
+            self._identity = (st.st_dev, st.st_ino)
         self._queue: list[tuple[bytes, asyncio.Future[None], Mark | None]] = []
         self._wakeup = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
+
+    def recover(self, state: MarkFile | None) -> int:
+        """Cut what a killed receiver wrote but never acked, by the length `state` (loaded; None: memory only)
+        recorded, and record it there from now on (recovery.py); before `start`, blocking. Returns the bytes cut;
+        raises OutputError."""
+        self._state = state
+        if self._fd is None or self._path is None:
+            return 0
+        try:
+            return cut_output(self._fd, self._path, state.outputs if state is not None else [])
+        except OSError as exc:
+            raise OutputError(exc.errno, f"cannot cut output {self._path}: {_reason(exc).lower()}") from None
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="pyforward-receiver-writer")
@@ -71,30 +91,41 @@ class _Writer:
         self._wakeup.set()
         return future
 
-    def _write(self, data: bytes, slots: list[tuple[int, bytes]]) -> None:
-        self._write_output(data)
-        if self._marks is not None:
-            self._marks.save(slots, self._sync)
+    def _write(self, data: bytes, slots: list[Planned]) -> None:
+        end = self._write_output(data)
+        state = self._state
+        length = OutputLength(*self._identity, end + len(data)) if state is not None and end is not None else None
+        # Every batch records the output's length, marks or not (a length left behind would make the next start cut
+        # acked lines): in the slots it writes, else in the header (recovery.py). A failure fails the batch, no ack,
+        # the output kept: a slot written may claim it (a duplicate at most).
+        saved = self._marks.save(slots, length) if self._marks is not None else False
+        if state is not None:
+            if length is not None and not saved:
+                state.write_output_length(length)
+            if self._sync:
+                state.sync()  # (a failure too: no ack for what a power loss could cut)
 
-    def _write_output(self, data: bytes) -> None:
+    def _write_output(self, data: bytes) -> int | None:
+        """Write and flush `data`; returns the output's length before it (None: not a regular file)."""
         fd = self._fd
         if fd is None:
             assert self._stream is not None
             self._stream.write(data)
             self._stream.flush()
-            return
+            return None
         end = os.fstat(fd).st_size if self._regular else None
         view = memoryview(data)
         try:
             while view:
                 view = view[_os_write(fd, view) :]
         except OSError:
-            if end is not None:
+            if end is not None:  # so that the client's retry appends to a clean file
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, end)
             raise
         if self._sync and self._regular:
             os.fdatasync(fd)
+        return end
 
     async def _run(self) -> None:
         while True:

@@ -83,13 +83,27 @@ class Receiver:
         self._shared_key = config.shared_key
         self._users = dict(config.users)
         self._hostname = config.self_hostname
+        # The state file (markfile.py): the output's length (recovery.py), and the marks (exactly once); None: memory
+        self._state = MarkFile(config.dedup_state) if config.dedup_state is not None else None
         self.marks: SourceMarks | None = None  # exactly once (dedup.py); None: turned off
         if config.exactly_once:
             self.marks = SourceMarks(
-                MarkFile(config.dedup_state) if config.dedup_state is not None else None,
+                self._state,
                 max_sources=config.dedup_max_sources,
                 forget_after=config.dedup_forget_after,
             )
+
+    def _load_state(self) -> MarkFile | None:
+        """Load the state file (blocking, at start-up); the one the writer records the output's length in, or None.
+        Exactly once creates it; without, one left by an earlier run is kept current (else a later start with exactly
+        once would cut by its stale length what this run acked) and none is created. Raises MarkFileError."""
+        if self.marks is not None:
+            self.marks.load()
+            return self._state
+        if self._state is None or not self._state.path.exists():
+            return None
+        self._state.load()  # (its marks unused: they lag what this run writes, a duplicate at most)
+        return self._state
 
     @property
     def mode(self) -> str:
@@ -109,13 +123,12 @@ class Receiver:
             config.tls.load()
         writer = _Writer(config.output, self.marks, sync=config.sync)
         try:
-            if self.marks is not None:
-                self.marks.load()
+            await asyncio.to_thread(writer.recover, self._load_state())  # before listening: nothing acked yet
             self._listeners = await listen(config.host, config.port)
         except BaseException:
             await writer.close()
-            if self.marks is not None:
-                self.marks.close()
+            if self._state is not None:
+                self._state.close()
             raise
         self._writer = writer
         writer.start()
@@ -167,8 +180,8 @@ class Receiver:
                     await asyncio.gather(*busy, return_exceptions=True)
             if self._writer is not None:
                 await self._writer.close()
-            if self.marks is not None:
-                self.marks.close()
+            if self._state is not None:
+                self._state.close()
         finally:
             self._closed.set()
 
